@@ -1,0 +1,36 @@
+# make serve: set up .venv and start the server (MODEL=tiny by default)
+# make test:  set up .venv and run the test suite on the CPU
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= tiny
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# A CUDA machine takes the registry's torch; elsewhere the CPU build (seconds, not GBs).
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: serve test bench lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/octoflux serve --model "$(MODEL)" --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.pipeline $(BENCH_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

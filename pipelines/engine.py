@@ -1,0 +1,139 @@
+"""The resident FLUX pipeline and the three modes it serves from one copy of the weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from pipelines.inpaint import composite_unmasked
+
+log = logging.getLogger(__name__)
+
+
+class GenerationCancelled(Exception):
+    """The job was cancelled (client gone, deadline, shutdown) between denoising steps."""
+
+
+class GenerationFailed(RuntimeError):
+    """The pipeline raised while running a job."""
+
+
+class OutOfMemory(GenerationFailed):
+    """The device ran out of memory for this job; fewer images may fit."""
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything the pipeline needs for one request, already validated and decoded."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: list[int]
+    init_image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+    strength: float = 0.8
+    loras: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        if self.init_image is None:
+            return "text2img"
+        return "inpaint" if self.mask_image is not None else "img2img"
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seconds: float
+
+
+StopCheck = Callable[[], bool]
+
+
+def _never_stop() -> bool:
+    return False
+
+
+class Engine:
+    """Owns the resident pipeline; `generate` is called from one worker thread only."""
+
+    def __init__(self, pipe, max_batch: int = 4):
+        from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+        self.pipe = pipe
+        # Views over the same modules: no weight is copied.
+        self.img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+        self.inpaint = FluxInpaintPipeline.from_pipe(pipe)
+        for view in (self.img2img, self.inpaint):
+            view.set_progress_bar_config(disable=True)
+        self.max_batch = max(1, max_batch)
+        self.device = pipe.transformer.device
+        # Test-only fault injection: a callable run before each pipeline call.
+        self.fault_hook: Callable[[GenerationSpec], None] | None = None
+
+    def generate(self, spec: GenerationSpec, should_stop: StopCheck = _never_stop) -> GenerationResult:
+        """Run one request, in batches of at most `max_batch` images."""
+        started = time.perf_counter()
+        images: list[Image.Image] = []
+        try:
+            for first in range(0, len(spec.seeds), self.max_batch):
+                batch_seeds = spec.seeds[first : first + self.max_batch]
+                images.extend(self._run_batch(spec, batch_seeds, should_stop))
+        except torch.OutOfMemoryError as exc:
+            self._free_memory()
+            raise OutOfMemory(str(exc).splitlines()[0]) from exc
+        if spec.mode == "inpaint":
+            images = [composite_unmasked(img, spec.init_image, spec.mask_image) for img in images]
+        return GenerationResult(images=images, seconds=time.perf_counter() - started)
+
+    def _run_batch(self, spec: GenerationSpec, seeds: list[int], should_stop: StopCheck) -> list[Image.Image]:
+        if self.fault_hook is not None:
+            self.fault_hook(spec)
+
+        def stop_between_steps(pipe, step, timestep, tensors):
+            if should_stop():
+                raise GenerationCancelled()
+            return tensors
+
+        kwargs = dict(
+            prompt=spec.prompt,
+            width=spec.width,
+            height=spec.height,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance,
+            num_images_per_prompt=len(seeds),
+            # One CPU generator per image: a seed gives the same noise on any device, and
+            # image k of a batch equals its seed run alone.
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            output_type="pt",
+            callback_on_step_end=stop_between_steps,
+        )
+        if spec.mode == "text2img":
+            pipe = self.pipe
+        else:
+            pipe = self.img2img if spec.mode == "img2img" else self.inpaint
+            kwargs.update(image=spec.init_image, strength=spec.strength)
+            if spec.mode == "inpaint":
+                kwargs["mask_image"] = spec.mask_image
+        with torch.inference_mode():
+            pixels = pipe(**kwargs).images
+            return to_pil(pixels)
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """[0, 1] NCHW floats → PIL images, quantised on the device as diffusers' own "pil" output does."""
+    as_uint8 = (pixels * 255).round().clamp(0, 255).to(torch.uint8)
+    host = as_uint8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return [Image.fromarray(frame) for frame in host]

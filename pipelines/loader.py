@@ -1,0 +1,75 @@
+"""Load a FLUX pipeline: the built-in tiny model, a diffusers-format folder, a hub id, or a file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from pipelines.tiny import tiny_checkpoint_is_complete, write_tiny_checkpoint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU, float32 on a CPU (bf16 matmuls are slow on most CPUs), unless told."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
+    """Write the tiny checkpoint once; later calls reuse it."""
+    if not tiny_checkpoint_is_complete(cache_dir):
+        log.info("writing the tiny random-weight FLUX checkpoint to %s", cache_dir)
+        staging = cache_dir.with_name(cache_dir.name + ".partial")
+        write_tiny_checkpoint(staging)
+        if cache_dir.exists():
+            import shutil
+
+            shutil.rmtree(cache_dir)
+        staging.rename(cache_dir)
+    return cache_dir
+
+
+def model_source(model: str, tiny_dir: Path) -> str:
+    """Turn `--model` into what diffusers loads: a folder, a file, or a hub id."""
+    if model == "tiny":
+        return str(ensure_tiny_checkpoint(tiny_dir))
+    return model
+
+
+def load_flux_pipeline(source: str, device: torch.device, dtype: torch.dtype):
+    """Load a FluxPipeline from a diffusers folder, a single-file checkpoint, or a hub id."""
+    from diffusers import FluxPipeline
+
+    path = Path(source)
+    try:
+        if path.is_file():
+            pipe = FluxPipeline.from_single_file(str(path), torch_dtype=dtype)
+        elif path.is_dir() or "/" in source:
+            pipe = FluxPipeline.from_pretrained(source, dtype=dtype)
+        else:
+            raise ModelLoadError(f"--model {source!r} is neither 'tiny', a folder, a file nor a hub id")
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"could not load FLUX from {source!r}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,71 @@
+"""`octoflux serve` and `octoflux make-tiny DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server.settings import Settings
+
+
+def _serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="start the HTTP server (flags override OCTOFLUX_* env vars)")
+    serve.add_argument(
+        "--model", help="'tiny' (default), a diffusers folder, a hub id, or a .safetensors file"
+    )
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
+    serve.add_argument("--api-keys", help="comma-separated bearer tokens")
+    serve.add_argument("--allow-unauthenticated", action="store_true", default=None)
+    serve.add_argument("--max-body-mb", type=float)
+    serve.add_argument("--max-queue", type=int)
+    serve.add_argument("--max-batch", type=int, help="images per forward pass")
+    serve.add_argument("--lora-dir", type=Path)
+    serve.add_argument("--lora-cache-size", type=int)
+    serve.add_argument("--max-lora-mb", type=float)
+    serve.add_argument("--tiny-dir", type=Path, help="where --model tiny is written once")
+    serve.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags given on the command line win over environment variables, which win over defaults."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "dir") and v is not None}
+    return Settings(**given)
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings.check_auth_exposure()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def make_tiny(directory: Path) -> None:
+    from pipelines.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(directory)
+    print(f"wrote the tiny FLUX checkpoint to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="octoflux", description="OctoAI-compatible FLUX.1-dev server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    tiny = sub.add_parser("make-tiny", help="write the tiny random-weight FLUX checkpoint (diffusers format)")
+    tiny.add_argument("dir", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(settings_from_args(args))
+    else:
+        make_tiny(args.dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

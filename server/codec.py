@@ -1,0 +1,92 @@
+"""Base64 ⇄ image, with limits on bytes, pixels and formats, and PNG/JPEG encoding."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+# compress_level=1 costs ~20% less CPU than Pillow's default 6 for ~4% larger files.
+PNG_COMPRESS_LEVEL = 1
+JPEG_QUALITY = 90
+
+_encode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
+
+
+class ImageDecodeError(ValueError):
+    """A request image could not be used; `field` names the request field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def decode_image(value: str, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode a base64 (optionally data-URL) PNG/JPEG/WebP into an upright RGB image."""
+    payload = DATA_URL.sub("", value.strip(), count=1)
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageDecodeError(field, f"image is larger than the {max_bytes / 2**20:g} MB limit")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError(field, "not valid base64") from None
+    if not raw:
+        raise ImageDecodeError(field, "empty image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            if image.format not in ACCEPTED_FORMATS:
+                raise ImageDecodeError(field, f"format {image.format} not accepted; send PNG, JPEG or WebP")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(field, f"{width}x{height} exceeds the {max_pixels} pixel limit")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(field, "not a decodable PNG, JPEG or WebP image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(field, f"corrupt or truncated image ({exc})") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGBA/LA/P (composited on white), CMYK, L, I;16 and friends → 8-bit RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale to cover width x height and centre-crop: no distortion, no borders."""
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+
+
+def encode_image(image: Image.Image, encoding: str) -> str:
+    buffer = io.BytesIO()
+    if encoding == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return base64.b64encode(buffer.getbuffer()).decode("ascii")
+
+
+def encode_images(images: list[Image.Image], encoding: str) -> list[str]:
+    """Encode in parallel: Pillow's zlib and libjpeg release the GIL."""
+    return list(_encode_pool.map(lambda image: encode_image(image, encoding), images))

@@ -1,0 +1,121 @@
+"""OctoAI's `POST /generate/flux-dev` request and response, with FLUX.1-dev's rules."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+SUPPORTED_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (512, 512), (576, 1024), (640, 1536), (768, 1024), (768, 1344),
+    (832, 1216), (896, 1152), (1024, 576), (1024, 768), (1024, 1024),
+    (1152, 896), (1216, 832), (1344, 768), (1536, 640),
+)  # fmt: skip
+DEFAULT_SIZE = 1024
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_STRENGTH = 0.8
+# Inpainting repaints the masked area from scratch unless the caller says otherwise.
+DEFAULT_INPAINT_STRENGTH = 1.0
+MAX_SEED = 2**32 - 1
+MAX_LORA_WEIGHT = 4.0
+
+# Fields the SDK can send that FLUX.1-dev does not support: a non-null value is a 422.
+UNSUPPORTED_ON_FLUX = (
+    "checkpoint", "clip_skip", "controlnet", "controlnet_conditioning_scale",
+    "controlnet_early_stop", "controlnet_image", "controlnet_preprocess", "high_noise_frac",
+    "inpaint_full_res", "inpaint_full_res_padding", "negative_prompt", "negative_prompt_2",
+    "outpainting", "prompt_2", "sampler", "style_preset", "textual_inversions",
+    "transfer_images", "use_refiner", "vae",
+)  # fmt: skip
+
+Seed = Annotated[StrictInt, Field(gt=0, le=MAX_SEED)]
+StrictFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class GenerateRequest(BaseModel):
+    """The body of `POST /generate/flux-dev`; unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str, Field(min_length=1, max_length=10_000, strict=True)]
+    cfg_scale: Annotated[StrictFloat, Field(gt=0, le=50)] | None = None
+    num_images: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
+    seed: Seed | list[Seed | None] | None = None
+    steps: Annotated[StrictInt, Field(ge=1, le=200)] | None = None
+    width: StrictInt | None = None
+    height: StrictInt | None = None
+    strength: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
+    init_image: Annotated[str, Field(strict=True)] | None = None
+    mask_image: Annotated[str, Field(strict=True)] | None = None
+    loras: dict[str, StrictFloat | None] | None = None
+    image_encoding: Literal["png", "jpeg"] | None = None
+    log_prompt: Annotated[bool, Field(strict=True)] | None = None
+
+    checkpoint: Any = None
+    clip_skip: Any = None
+    controlnet: Any = None
+    controlnet_conditioning_scale: Any = None
+    controlnet_early_stop: Any = None
+    controlnet_image: Any = None
+    controlnet_preprocess: Any = None
+    high_noise_frac: Any = None
+    inpaint_full_res: Any = None
+    inpaint_full_res_padding: Any = None
+    negative_prompt: Any = None
+    negative_prompt_2: Any = None
+    outpainting: Any = None
+    prompt_2: Any = None
+    sampler: Any = None
+    style_preset: Any = None
+    textual_inversions: Any = None
+    transfer_images: Any = None
+    use_refiner: Any = None
+    vae: Any = None
+
+    @field_validator(*UNSUPPORTED_ON_FLUX)
+    @classmethod
+    def _not_on_flux(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("not supported on FLUX.1-dev; omit it or send null")
+        return None
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_weights_in_range(cls, loras: dict[str, float | None] | None) -> dict[str, float | None] | None:
+        for name, weight in (loras or {}).items():
+            if weight is not None and not (math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT):
+                raise ValueError(f"weight of LoRA {name!r} must be within [-4, 4]")
+        return loras
+
+
+class ImageGeneration(BaseModel):
+    image_b64: str
+    seed: int
+    removed_for_safety: bool = False
+    safety_score: float | None = None
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageGeneration]
+    prediction_time_ms: float
+
+
+def resolution_error(width: int | None, height: int | None) -> str:
+    listed = ", ".join(f"{w}x{h}" for w, h in SUPPORTED_RESOLUTIONS)
+    return f"{width}x{height} is not a supported FLUX.1-dev resolution (width x height); use one of: {listed}"
+
+
+def nearest_resolution(
+    aspect: float, width: int | None = None, height: int | None = None
+) -> tuple[int, int] | None:
+    """The supported resolution closest in aspect ratio, keeping a given width or height if any."""
+    candidates = [
+        (w, h)
+        for w, h in SUPPORTED_RESOLUTIONS
+        if (width is None or w == width) and (height is None or h == height)
+    ]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda wh: abs(math.log(wh[0] / wh[1]) - math.log(aspect)))

@@ -1,0 +1,63 @@
+"""Every knob of the server, once: a CLI flag and an OCTOFLUX_* environment variable."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_tiny_dir() -> Path:
+    return Path.home() / ".cache" / "octoflux" / "tiny-flux"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OCTOFLUX_", extra="ignore")
+
+    model: str = Field(
+        "tiny", description="'tiny', a diffusers-format folder, a hub id, or a .safetensors file"
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    tiny_dir: Path = Field(default_factory=default_tiny_dir)
+
+    api_keys: str = Field("", description="comma-separated bearer tokens; empty means no auth")
+    allow_unauthenticated: bool = False
+
+    max_body_mb: float = 64.0
+    max_image_mb: float = 32.0
+    max_image_pixels: int = 40_000_000
+    max_queue: int = 32
+    max_batch: int = 4
+    warmup: bool = True
+    warmup_steps: int = 2
+
+    lora_dir: Path = Path("loras")
+    lora_cache_size: int = 8
+    max_lora_mb: float = 2048.0
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def binds_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check_auth_exposure(self) -> None:
+        """Refuse to serve without keys on a non-loopback address unless told to."""
+        if not self.api_key_list and not self.binds_loopback and not self.allow_unauthenticated:
+            raise SystemExit(
+                f"refusing to bind {self.host} without API keys: set OCTOFLUX_API_KEYS "
+                "or pass --allow-unauthenticated"
+            )
