@@ -69,7 +69,7 @@ def load_flux_pipeline(source: str, device: torch.device, dtype: torch.dtype):
             pipe = FluxPipeline.from_pretrained(source, dtype=dtype)
         else:
             raise ModelLoadError(f"--model {source!r} is neither 'tiny', a folder, a file nor a hub id")
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load FLUX from {source!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -118,4 +118,11 @@ def nearest_resolution(
     ]
     if not candidates:
         return None
-    return min(candidates, key=lambda wh: abs(math.log(wh[0] / wh[1]) - math.log(aspect)))
+    # Ties (512x512 vs 1024x1024) go to the ~1 MP size FLUX.1-dev was tuned for.
+    return min(
+        candidates,
+        key=lambda wh: (
+            abs(math.log(wh[0] / wh[1]) - math.log(aspect)),
+            abs(wh[0] * wh[1] - DEFAULT_SIZE**2),
+        ),
+    )

@@ -1,0 +1,140 @@
+"""Shared fixtures: the tiny checkpoint on disk (once per session) and live servers over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipelines.tiny import write_tiny_checkpoint  # noqa: E402
+from server.app import build_engine, create_app  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+STEPS = 2  # enough to exercise the scheduler; the tiny model is random anyway
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """The tiny random-weight FLUX written in diffusers format, loaded like real weights."""
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-flux")))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: object
+    settings: Settings
+
+    def client(self, api_key: str = "test-key"):
+        from octoai.client import OctoAI
+        from octoai.environment import OctoAIEnvironment
+
+        env = OctoAIEnvironment(default=self.url, image_gen=self.url, text_gen=self.url)
+        return OctoAI(api_key=api_key, environment=env, timeout=120)
+
+
+@contextmanager
+def run_server(
+    settings: Settings, engine_factory=build_engine, wait_ready: bool = True
+) -> Iterator[LiveServer]:
+    """Serve `create_app(settings)` with uvicorn on a free loopback port in a thread."""
+    app = create_app(settings, engine_factory=engine_factory)
+    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    if wait_ready:
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.05)
+    try:
+        yield LiveServer(url=url, app=app, settings=settings)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def server_factory(tiny_checkpoint, tmp_path_factory) -> Callable[..., object]:
+    """`with server_factory(max_queue=1, ...) as live:` starts a server with those settings."""
+
+    def factory(engine_factory=build_engine, wait_ready: bool = True, **overrides):
+        values = dict(
+            model=tiny_checkpoint,
+            port=free_port(),
+            device="cpu",
+            lora_dir=tmp_path_factory.mktemp("loras"),
+            warmup_steps=1,
+        )
+        values.update(overrides)
+        return run_server(Settings(**values), engine_factory=engine_factory, wait_ready=wait_ready)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def live_server(server_factory) -> Iterator[LiveServer]:
+    """One open (no API keys) server on the tiny model, shared by the read-only tests."""
+    with server_factory() as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def sdk(live_server):
+    return live_server.client()
+
+
+def b64_to_image(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def image_to_b64(image: Image.Image, fmt: str = "PNG", **save_args) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def gradient_image(width: int, height: int) -> Image.Image:
+    """A deterministic, non-uniform test picture."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    rgb = np.concatenate(
+        [
+            np.broadcast_to(x, (height, width, 1)),
+            np.broadcast_to(y, (height, width, 1)),
+            np.broadcast_to((x + y) / 2, (height, width, 1)),
+        ],
+        axis=2,
+    )
+    return Image.fromarray(rgb.astype(np.uint8))
