@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 
-class BodyTooLarge(Exception):
-    pass
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException, because FastAPI turns any other error while reading a body into a 400."""
+
+    def __init__(self, detail: str):
+        super().__init__(status_code=413, detail=detail)
 
 
 class BodySizeLimit:
@@ -29,7 +34,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(self._message())
             return message
 
         async def tracking_send(message):
@@ -43,10 +48,11 @@ class BodySizeLimit:
             if not response_started:
                 await self._reject(send)
 
+    def _message(self) -> str:
+        return f"request body exceeds the {self.max_bytes / 2**20:g} MB limit"
+
     async def _reject(self, send) -> None:
-        body = json.dumps(
-            {"detail": f"request body exceeds the {self.max_bytes / 2**20:g} MB limit"}
-        ).encode()
+        body = json.dumps({"detail": self._message()}).encode()
         await send(
             {
                 "type": "http.response.start",

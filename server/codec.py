@@ -52,7 +52,10 @@ def decode_image(value: str, field: str, max_bytes: int, max_pixels: int) -> Ima
             image = ImageOps.exif_transpose(image)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard fires while opening, before the size check above can run.
+        raise ImageDecodeError(field, f"image exceeds the {max_pixels} pixel limit") from None
+    except UnidentifiedImageError:
         raise ImageDecodeError(field, "not a decodable PNG, JPEG or WebP image") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(field, f"corrupt or truncated image ({exc})") from None
