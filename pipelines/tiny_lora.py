@@ -9,6 +9,7 @@ tensors in the kohya key layouts diffusers converts back on load.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ def _peft_state(model, prefix: str, targets, rank: int, scale: float, seed: int)
 
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
     torch.manual_seed(seed)
-    inject_adapter_in_model(config, model, adapter_name="build")
+    with warnings.catch_warnings():  # "Already found a `peft_config`" on a second build
+        warnings.simplefilter("ignore", UserWarning)
+        inject_adapter_in_model(config, model, adapter_name="build")
     state = get_peft_model_state_dict(model, adapter_name="build")
     from diffusers.loaders.lora_base import delete_adapter_layers
 
