@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from pipelines.inpaint import composite_unmasked
+from pipelines.loras import LoraCache
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _never_stop() -> bool:
 class Engine:
     """Owns the resident pipeline; `generate` is called from one worker thread only."""
 
-    def __init__(self, pipe, max_batch: int = 4):
+    def __init__(self, pipe, max_batch: int = 4, loras: LoraCache | None = None):
         from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 
         self.pipe = pipe
@@ -76,12 +77,17 @@ class Engine:
             view.set_progress_bar_config(disable=True)
         self.max_batch = max(1, max_batch)
         self.device = pipe.transformer.device
+        # Adapters on `pipe` (and so on its views); None serves no LoRAs.
+        self.loras = loras
         # Test-only fault injection: a callable run before each pipeline call.
         self.fault_hook: Callable[[GenerationSpec], None] | None = None
 
     def generate(self, spec: GenerationSpec, should_stop: StopCheck = _never_stop) -> GenerationResult:
         """Run one request, in batches of at most `max_batch` images."""
         started = time.perf_counter()
+        if self.loras is not None:
+            # Every job sets its own LoRA set (none active when it names none) before it runs.
+            self.loras.activate(spec.loras)
         images: list[Image.Image] = []
         try:
             for first in range(0, len(spec.seeds), self.max_batch):

@@ -12,10 +12,12 @@ from PIL import Image
 
 from pipelines.engine import Engine, GenerationSpec
 from pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
+from pipelines.loras import LoraCache, LoraLibrary
+from server.asset_store import AssetStore
 from server.body_limit import BodySizeLimit
 from server.errors import install_error_handlers
 from server.jobs import JobQueue
-from server.routes import generate, health
+from server.routes import assets, generate, health
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,14 @@ def build_engine(settings: Settings) -> Engine:
     dtype = resolve_dtype(settings.dtype, device)
     source = model_source(settings.model, settings.tiny_dir)
     log.info("loading %s on %s as %s", source, device, dtype)
-    return Engine(load_flux_pipeline(source, device, dtype), max_batch=settings.max_batch)
+    pipe = load_flux_pipeline(source, device, dtype)
+    loras = LoraCache(
+        pipe,
+        LoraLibrary(settings.lora_dir),
+        cache_size=settings.lora_cache_size,
+        max_bytes=int(settings.max_lora_mb * 2**20),
+    )
+    return Engine(pipe, max_batch=settings.max_batch, loras=loras)
 
 
 def warm_up(engine: Engine, settings: Settings) -> None:
@@ -74,8 +83,13 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
     app.state.load_error = None
     app.state.engine = None
     app.state.jobs = JobQueue(settings.max_queue)
+    app.state.lora_library = LoraLibrary(settings.lora_dir)
+    app.state.assets = AssetStore(app.state.lora_library, settings.lora_upload_ttl_s)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
-    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20))
+    app.include_router(assets.router)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20), exempt=assets.is_upload_path
+    )
     return app

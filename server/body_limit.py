@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
@@ -15,12 +16,14 @@ class BodyTooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, exempt: Callable[[str], bool] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        # Routes that enforce their own limit (LoRA uploads, up to --max-lora-mb).
+        self.exempt = exempt or (lambda path: False)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self.exempt(scope.get("path", "")):
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

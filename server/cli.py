@@ -27,6 +27,7 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--lora-dir", type=Path)
     serve.add_argument("--lora-cache-size", type=int)
     serve.add_argument("--max-lora-mb", type=float)
+    serve.add_argument("--lora-upload-ttl-s", type=float, help="lifetime of an asset upload URL")
     serve.add_argument("--tiny-dir", type=Path, help="where --model tiny is written once")
     serve.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
 

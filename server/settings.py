@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     lora_dir: Path = Path("loras")
     lora_cache_size: int = 8
     max_lora_mb: float = 2048.0
+    lora_upload_ttl_s: float = Field(3600.0, description="how long an asset upload (PUT) URL stays valid")
 
     @property
     def api_key_list(self) -> list[str]:

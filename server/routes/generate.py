@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.engine import GenerationCancelled, GenerationSpec
+from pipelines.loras import LoraError, LoraLibrary, lora_name
 from server.auth import require_bearer
 from server.codec import ImageDecodeError, decode_image, encode_images, fit
 from server.errors import ServiceUnavailable, invalid
@@ -98,6 +99,28 @@ def build_spec(req: GenerateRequest, settings: Settings) -> GenerationSpec:
     )
 
 
+def lora_invalid(exc: LoraError):
+    """A 422 on `loras` whose message names the LoRA."""
+    message = str(exc) if repr(exc.name) in str(exc) else f"LoRA {exc.name!r}: {exc}"
+    return invalid("loras", message)
+
+
+def check_loras(loras: dict[str, float], library: LoraLibrary | None) -> None:
+    """A 422 naming the first LoRA that has no file (or a bad name, or is named twice)."""
+    seen: dict[str, str] = {}
+    for ref in loras:
+        if library is None:
+            raise invalid("loras", f"unknown LoRA {ref!r}: this server serves no LoRAs")
+        try:
+            library.resolve(ref)
+        except LoraError as exc:
+            raise lora_invalid(exc) from None
+        name = lora_name(ref)
+        if name in seen:
+            raise invalid("loras", f"LoRA {name!r} is named twice ({seen[name]!r} and {ref!r})")
+        seen[name] = ref
+
+
 async def wait_for_job(request: Request, job) -> object:
     """Wait for the worker; a client that goes away cancels its job."""
     pending = asyncio.wrap_future(job.future)
@@ -121,8 +144,7 @@ async def generate_flux_dev(body: GenerateRequest, request: Request):
     if not state.ready.is_set():
         raise ServiceUnavailable("model is still loading", retry_after=5)
     spec = await run_in_threadpool(build_spec, body, state.settings)
-    if spec.loras:
-        raise invalid("loras", f"unknown LoRA {next(iter(spec.loras))!r}: no LoRA library is loaded")
+    check_loras(spec.loras, state.lora_library if getattr(state.engine, "loras", None) else None)
     try:
         job = state.jobs.submit(spec)
     except QueueFull as full:
@@ -135,6 +157,8 @@ async def generate_flux_dev(body: GenerateRequest, request: Request):
         result = await wait_for_job(request, job)
     except GenerationCancelled:
         return JSONResponse(status_code=499, content={"detail": "request cancelled"})
+    except LoraError as exc:  # deleted since the check above, or the file is unusable
+        raise lora_invalid(exc) from None
     encoded = await run_in_threadpool(encode_images, result.images, body.image_encoding or "png")
     return GenerateResponse(
         images=[

@@ -1,0 +1,174 @@
+"""LoRAs by name in generate requests: effect, weights, combination, cache, hot folder, concurrency."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from conftest import STEPS, b64_to_image, pixels
+
+from pipelines.tiny_lora import (
+    DOUBLE_BLOCK_TARGETS,
+    make_lora,
+    save_diffusers,
+    save_raw,
+    to_kohya,
+    to_sd_scripts,
+)
+
+
+@pytest.fixture(scope="module")
+def states():
+    return {
+        "style": make_lora(1),
+        "detail": make_lora(2),
+        "third": make_lora(3),
+        "clip": make_lora(4, text_encoder=True),
+        "double": make_lora(5, transformer_targets=DOUBLE_BLOCK_TARGETS),
+    }
+
+
+@pytest.fixture(scope="module")
+def live(server_factory, states):
+    with server_factory(lora_cache_size=2) as live:
+        for name in ("style", "detail", "third", "clip"):
+            save_diffusers(states[name], live.settings.lora_dir / f"{name}.safetensors")
+        yield live
+
+
+def post(live, loras=None, seed=1, prompt="a red fox") -> httpx.Response:
+    body = {"prompt": prompt, "width": 512, "height": 512, "steps": STEPS, "seed": seed}
+    if loras is not None:
+        body["loras"] = loras
+    return httpx.post(f"{live.url}/generate/flux-dev", json=body, timeout=120)
+
+
+def image(live, loras=None, **kwargs) -> np.ndarray:
+    response = post(live, loras, **kwargs)
+    assert response.status_code == 200, response.text
+    return pixels(b64_to_image(response.json()["images"][0]["image_b64"]))
+
+
+def assert_422_naming(response: httpx.Response, name: str) -> str:
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "loras"]
+    assert name in error["msg"]
+    return error["msg"]
+
+
+def moved(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).mean())
+
+
+def test_lora_changes_the_image(live):
+    base = image(live)
+    styled = live.client().image_gen.generate_flux_dev(
+        prompt="a red fox", width=512, height=512, steps=STEPS, seed=1, loras={"style": 1.0}
+    )
+    assert moved(pixels(b64_to_image(styled.images[0].image_b64)), base) > 0.5
+
+
+def test_weight_zero_equals_base(live):
+    base = image(live)
+    assert np.array_equal(image(live, {"style": 0.0}), base)
+
+
+def test_two_loras_combine(live):
+    both = image(live, {"style": 0.7, "detail": 0.7})
+    assert moved(both, image(live, {"style": 0.7})) > 0.3
+    assert moved(both, image(live, {"detail": 0.7})) > 0.3
+
+
+def test_owner_prefix_is_ignored(live):
+    assert np.array_equal(image(live, {"octoai:style": 1.0}), image(live, {"style": 1.0}))
+
+
+def test_text_encoder_lora_changes_the_image(live):
+    assert moved(image(live, {"clip": 1.0}), image(live)) > 0.5
+
+
+def test_kohya_and_sd_scripts_layouts_give_the_diffusers_image(live, states):
+    folder = live.settings.lora_dir
+    save_raw(to_kohya(states["clip"]), folder / "clip-kohya.safetensors")
+    save_diffusers(states["double"], folder / "double.safetensors")
+    save_raw(to_sd_scripts(states["double"]), folder / "double-sd-scripts.safetensors")
+    assert np.array_equal(image(live, {"clip-kohya": 0.8}), image(live, {"clip": 0.8}))
+    assert np.array_equal(image(live, {"double-sd-scripts": 1.0}), image(live, {"double": 1.0}))
+    assert moved(image(live, {"double": 1.0}), image(live)) > 0.5
+
+
+def test_unknown_or_badly_named_lora_is_a_422_naming_it(live):
+    assert_422_naming(post(live, {"nope": 1.0}), "nope")
+    assert_422_naming(post(live, {"../style": 1.0}), "../style")
+    assert_422_naming(post(live, {"style": 1.0, "octoai:style": 0.5}), "named twice")
+
+
+def test_unusable_file_in_folder_is_a_422_with_the_reason(live):
+    (live.settings.lora_dir / "pickled.safetensors").write_bytes(b"\x80\x04" + b"\x00" * 64)
+    assert "not a safetensors file" in assert_422_naming(post(live, {"pickled": 1.0}), "pickled")
+
+
+def test_base_image_is_identical_before_and_after_loras_were_used_and_evicted(server_factory, states):
+    with server_factory(lora_cache_size=2) as live:
+        for name in ("style", "detail", "third", "clip"):
+            save_diffusers(states[name], live.settings.lora_dir / f"{name}.safetensors")
+        before = image(live)  # this server has never loaded a LoRA
+        for loras in ({"style": 1.0}, {"detail": 1.0, "third": 0.5}, {"clip": 1.0}, {"style": -1.0}):
+            assert moved(image(live, loras), before) > 0.3
+        stats = live.app.state.engine.loras.stats
+        assert stats.loads >= 5 and stats.evictions >= 3 and stats.switches >= 4
+        assert len(live.app.state.engine.loras.resident) <= 2
+        assert np.array_equal(image(live), before)
+        assert np.array_equal(image(live, {"detail": 0.0}), before)
+
+
+def test_folder_hot_add_replace_and_delete_on_a_running_server(live, states):
+    path = live.settings.lora_dir / "hot.safetensors"
+    assert_422_naming(post(live, {"hot": 1.0}), "hot")
+
+    save_diffusers(states["style"], path)
+    assert np.array_equal(image(live, {"hot": 1.0}), image(live, {"style": 1.0}))
+
+    # Overwritten in place: same size, same inode; only the modification time says it changed.
+    staged = save_diffusers(states["third"], live.settings.lora_dir / "staging" / "x.safetensors")
+    assert staged.stat().st_size == path.stat().st_size
+    path.write_bytes(staged.read_bytes())
+    assert np.array_equal(image(live, {"hot": 1.0}), image(live, {"third": 1.0}))
+
+    # Replaced by rename, as most tools do.
+    save_diffusers(states["detail"], staged)
+    os.replace(staged, path)
+    assert np.array_equal(image(live, {"hot": 1.0}), image(live, {"detail": 1.0}))
+
+    path.unlink()
+    assert_422_naming(post(live, {"hot": 1.0}), "hot")
+
+
+def test_concurrent_requests_with_different_lora_sets_match_sequential_ones(live):
+    sets = [None, {"style": 1.0}, {"detail": 0.5}, {"style": 0.5, "detail": 1.0}, {"third": 1.0}, None]
+    sequential = [image(live, loras, seed=3) for loras in sets]
+    results: list[np.ndarray | None] = [None] * len(sets)
+
+    def run(i):
+        results[i] = image(live, sets[i], seed=3)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in reversed(range(len(sets)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    for i, loras in enumerate(sets):
+        assert np.array_equal(results[i], sequential[i]), loras
+    assert moved(sequential[1], sequential[0]) > 0.3
+
+
+def test_lora_scale_is_what_the_weight_says(live, states):
+    """A LoRA file with B scaled x2 at weight 0.5 equals the original at weight 1 (to rounding)."""
+    doubled = {k: v * 2 if "lora_B" in k else v for k, v in states["style"].items()}
+    save_diffusers(doubled, live.settings.lora_dir / "style-x2.safetensors")
+    diff = np.abs(image(live, {"style-x2": 0.5}) - image(live, {"style": 1.0}))
+    assert diff.max() <= 1
