@@ -37,7 +37,7 @@ OFFLOAD_MODES = ("none", "model", "sequential")
 QUANTIZE_MODES = ("none", "fp8", "int8", "nf4")
 # What each mode costs in quality, reported next to its speed by the benchmark.
 QUALITY_COST = {
-    "none": "reference (eager bf16)",
+    "none": "reference (eager; bf16 on a GPU)",
     "compile": "lossless up to float rounding",
     "fp8": "lossy: fp8 activations and weights in the transformer blocks",
     "cache": "lossy: skips transformer steps whose first-block residual barely changes",
@@ -184,8 +184,12 @@ def _torchao():
 
 
 def _in_transformer_blocks(module: torch.nn.Module, name: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and name.startswith(
-        ("transformer_blocks.", "single_transformer_blocks.")
+    """Attention and MLP linears of the blocks: all the FLOPs. The AdaLN modulation linears
+    (`.norm*.linear`) see one token per image, gain nothing from fp8 and steer every activation."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+        and ".norm" not in name
     )
 
 
