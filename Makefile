@@ -1,5 +1,6 @@
 # make serve: set up .venv and start the server (MODEL=tiny by default)
 # make test:  set up .venv and run the test suite on the CPU
+# make bench: the speed-mode benchmark (BENCH_ARGS="--weights tiny" on a CPU; see benchmarks/README.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny
@@ -24,7 +25,7 @@ test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.pipeline $(BENCH_ARGS)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipelines.inpaint import composite_unmasked
 from pipelines.loras import LoraCache
+from pipelines.prompt_cache import PromptEmbeddingCache, repeat_for_batch
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ def _never_stop() -> bool:
 class Engine:
     """Owns the resident pipeline; `generate` is called from one worker thread only."""
 
-    def __init__(self, pipe, max_batch: int = 4, loras: LoraCache | None = None):
+    def __init__(
+        self, pipe, max_batch: int = 4, loras: LoraCache | None = None, prompt_cache_size: int = 32
+    ):
         from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 
         self.pipe = pipe
@@ -79,6 +82,10 @@ class Engine:
         self.device = pipe.transformer.device
         # Adapters on `pipe` (and so on its views); None serves no LoRAs.
         self.loras = loras
+        # T5 + CLIP outputs of recent prompts; None disables it (the pipeline encodes every time).
+        self.prompt_cache = PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size > 0 else None
+        # Set by server.app.build_engine: what pipelines.optimize applied (step cache, compile...).
+        self.optimizations = None
         # Test-only fault injection: a callable run before each pipeline call.
         self.fault_hook: Callable[[GenerationSpec], None] | None = None
 
@@ -110,7 +117,6 @@ class Engine:
             return tensors
 
         kwargs = dict(
-            prompt=spec.prompt,
             width=spec.width,
             height=spec.height,
             num_inference_steps=spec.steps,
@@ -130,8 +136,20 @@ class Engine:
             if spec.mode == "inpaint":
                 kwargs["mask_image"] = spec.mask_image
         with torch.inference_mode():
+            # Encode after anything that changes the text encoders (LoRA activation) has run.
+            kwargs.update(self._prompt_kwargs(pipe, spec, len(seeds)))
+            if self.optimizations is not None:
+                self.optimizations.before_generation(pipe)
             pixels = pipe(**kwargs).images
             return to_pil(pixels)
+
+    def _prompt_kwargs(self, pipe, spec: GenerationSpec, images: int) -> dict:
+        if self.prompt_cache is None:
+            return dict(prompt=spec.prompt)
+        # By file hash and weight, so a replaced LoRA file never serves stale embeddings.
+        lora_key = self.loras.text_encoder_key if self.loras is not None else ()
+        embeds, pooled = self.prompt_cache.embeddings(pipe, spec.prompt, lora_key)
+        return repeat_for_batch(embeds, pooled, images)
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":

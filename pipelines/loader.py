@@ -1,4 +1,4 @@
-"""Load a FLUX pipeline: the built-in tiny model, a diffusers-format folder, a hub id, or a file."""
+"""Load a FLUX pipeline: the tiny model, random-full, a diffusers-format folder, a hub id, or a file."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from pipelines.tiny import tiny_checkpoint_is_complete, write_tiny_checkpoint
 
 log = logging.getLogger(__name__)
+
+RANDOM_FULL = "random-full"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -57,19 +59,48 @@ def model_source(model: str, tiny_dir: Path) -> str:
     return model
 
 
-def load_flux_pipeline(source: str, device: torch.device, dtype: torch.dtype):
-    """Load a FluxPipeline from a diffusers folder, a single-file checkpoint, or a hub id."""
+def load_flux_pipeline(
+    source: str, device: torch.device, dtype: torch.dtype, offload: str = "none", quantize: str = "none"
+):
+    """Load a FluxPipeline from random-full, a diffusers folder, a single-file checkpoint, or a hub id.
+
+    With `offload` the pipeline stays on the CPU: pipelines.optimize installs the offload hooks.
+    `quantize` quantizes the transformer and T5 weights while loading (see pipelines.optimize).
+    """
     from diffusers import FluxPipeline
 
+    from pipelines.optimize import loading_quantization_config
+
+    if source == RANDOM_FULL:
+        return _random_full(device if offload == "none" else torch.device("cpu"), dtype, quantize)
     path = Path(source)
     try:
         if path.is_file():
+            if quantize != "none":
+                raise ModelLoadError(
+                    "--quantize needs a diffusers-format folder or hub id, not a single file"
+                )
             pipe = FluxPipeline.from_single_file(str(path), torch_dtype=dtype)
         elif path.is_dir() or "/" in source:
-            pipe = FluxPipeline.from_pretrained(source, dtype=dtype)
+            quantization = loading_quantization_config(quantize, dtype)
+            pipe = FluxPipeline.from_pretrained(source, dtype=dtype, quantization_config=quantization)
         else:
-            raise ModelLoadError(f"--model {source!r} is neither 'tiny', a folder, a file nor a hub id")
+            raise ModelLoadError(
+                f"--model {source!r} is neither 'tiny', 'random-full', a folder, a file nor a hub id"
+            )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load FLUX from {source!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe if offload != "none" else pipe.to(device)
+
+
+def _random_full(device: torch.device, dtype: torch.dtype, quantize: str):
+    """FLUX.1-dev's architecture with random weights, built where it will run (no download)."""
+    from pipelines.optimize import quantize_weights
+    from pipelines.random_full import build_random_full_pipeline
+
+    log.info("building random-weight FLUX.1-dev on %s as %s", device, dtype)
+    pipe = build_random_full_pipeline(device, dtype)
+    for model in (pipe.transformer, pipe.text_encoder_2):
+        quantize_weights(model, quantize)
+    return pipe

@@ -275,7 +275,15 @@ def read_lora(path: Path, name: str, shapes: ModuleShapes, max_bytes: int) -> Lo
 # ---------------------------------------------------------------- attaching adapters
 
 
+def _unfuse_qkv(transformer) -> None:
+    """LoRAs target to_q/to_k/to_v; a fused to_qkv (--optimize compile) would silently bypass them."""
+    if any(getattr(module, "fused_projections", False) for module in transformer.modules()):
+        log.warning("unfusing QKV projections so LoRAs apply (costs the fused-QKV speed-up)")
+        transformer.unfuse_qkv_projections()
+
+
 def _attach_transformer(pipe, lora: LoraFile, adapter: str) -> None:
+    _unfuse_qkv(pipe.transformer)
     state = {f"transformer.{k}": v for k, v in lora.tensors["transformer"].items()}
     alphas = {f"transformer.{k}": v for k, v in lora.alphas["transformer"].items()}
     metadata = (lora.metadata or {}).get("transformer") or None

@@ -13,6 +13,7 @@ from PIL import Image
 from pipelines.engine import Engine, GenerationSpec
 from pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
 from pipelines.loras import LoraCache, LoraLibrary
+from pipelines.optimize import apply_optimizations, warmup_shapes
 from server.asset_store import AssetStore
 from server.body_limit import BodySizeLimit
 from server.errors import install_error_handlers
@@ -30,25 +31,39 @@ def build_engine(settings: Settings) -> Engine:
     dtype = resolve_dtype(settings.dtype, device)
     source = model_source(settings.model, settings.tiny_dir)
     log.info("loading %s on %s as %s", source, device, dtype)
-    pipe = load_flux_pipeline(source, device, dtype)
+    pipe = load_flux_pipeline(source, device, dtype, offload=settings.offload, quantize=settings.quantize)
+    applied = apply_optimizations(pipe, settings, device)
     loras = LoraCache(
         pipe,
         LoraLibrary(settings.lora_dir),
         cache_size=settings.lora_cache_size,
         max_bytes=int(settings.max_lora_mb * 2**20),
     )
-    return Engine(pipe, max_batch=settings.max_batch, loras=loras)
+    engine = Engine(
+        pipe, max_batch=settings.max_batch, loras=loras, prompt_cache_size=settings.prompt_cache_size
+    )
+    engine.optimizations = applied
+    return engine
 
 
 def warm_up(engine: Engine, settings: Settings) -> None:
-    """One short generation per mode, so the first user request pays no first-call costs."""
+    """Text-to-image at each `--warmup-sizes` size (compiling it), then img2img and inpaint once.
+
+    The first user request of a warmed size pays no compile or first-call costs; any other size
+    still works, compiling on its first request.
+    """
     if not settings.warmup:
         return
-    image = Image.new("RGB", (512, 512), (127, 127, 127))
-    mask = Image.new("L", (512, 512), 255)
-    base = dict(prompt="warm-up", width=512, height=512, steps=settings.warmup_steps, guidance=3.5, seeds=[1])
-    for extra in ({}, {"init_image": image}, {"init_image": image, "mask_image": mask}):
-        engine.generate(GenerationSpec(**base, **extra))
+    sizes = settings.warmup_size_list or [(512, 512)]
+    base = dict(prompt="warm-up", steps=settings.warmup_steps, guidance=3.5, seeds=[1])
+    for width, height in warmup_shapes(sizes):
+        log.info("warming up %dx%d", width, height)
+        engine.generate(GenerationSpec(**base, width=width, height=height))
+    width, height = sizes[0]
+    image = Image.new("RGB", (width, height), (127, 127, 127))
+    mask = Image.new("L", (width, height), 255)
+    for extra in ({"init_image": image}, {"init_image": image, "mask_image": mask}):
+        engine.generate(GenerationSpec(**base, width=width, height=height, **extra))
 
 
 def _load_in_background(app: FastAPI, factory: EngineFactory) -> None:

@@ -13,7 +13,8 @@ from server.settings import Settings
 def _serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="start the HTTP server (flags override OCTOFLUX_* env vars)")
     serve.add_argument(
-        "--model", help="'tiny' (default), a diffusers folder, a hub id, or a .safetensors file"
+        "--model",
+        help="'tiny' (default), 'random-full', a diffusers folder, a hub id, or a .safetensors file",
     )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -30,6 +31,14 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--lora-upload-ttl-s", type=float, help="lifetime of an asset upload URL")
     serve.add_argument("--tiny-dir", type=Path, help="where --model tiny is written once")
     serve.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
+    serve.add_argument("--warmup-sizes", help="comma-separated WxH sizes warmed (and compiled) before ready")
+    perf = serve.add_argument_group("speed and memory modes (pipelines/optimize.py)")
+    perf.add_argument("--optimize", choices=["none", "compile", "fp8", "cache"])
+    perf.add_argument("--cache-threshold", type=float, help="step-cache threshold for --optimize cache")
+    perf.add_argument("--offload", choices=["none", "model", "sequential"])
+    perf.add_argument("--quantize", choices=["none", "fp8", "int8", "nf4"], help="weight quantization")
+    perf.add_argument("--attention-backend", help="'auto', 'native', or a diffusers backend name")
+    perf.add_argument("--prompt-cache-size", type=int, help="prompt embeddings kept; 0 disables")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -6,8 +6,22 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'1024x1024, 512x512' -> [(1024, 1024), (512, 512)]."""
+    sizes = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            width, height = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"size {item!r} is not WIDTHxHEIGHT") from None
+        sizes.append((width, height))
+    return sizes
 
 
 def default_tiny_dir() -> Path:
@@ -18,7 +32,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OCTOFLUX_", extra="ignore")
 
     model: str = Field(
-        "tiny", description="'tiny', a diffusers-format folder, a hub id, or a .safetensors file"
+        "tiny",
+        description="'tiny', 'random-full' (FLUX.1-dev's architecture, random weights), "
+        "a diffusers-format folder, a hub id, or a .safetensors file",
     )
     host: str = "127.0.0.1"
     port: int = 8000
@@ -36,6 +52,19 @@ class Settings(BaseSettings):
     max_batch: int = 4
     warmup: bool = True
     warmup_steps: int = 2
+    warmup_sizes: str = Field(
+        "512x512", description="comma-separated WxH sizes compiled and warmed before /readyz turns 200"
+    )
+
+    # Speed and memory modes: see pipelines/optimize.py for what each costs in quality.
+    optimize: Literal["none", "compile", "fp8", "cache"] = "none"
+    cache_threshold: float = Field(
+        0.08, ge=0.0, description="First Block Cache threshold for --optimize cache"
+    )
+    offload: Literal["none", "model", "sequential"] = "none"
+    quantize: Literal["none", "fp8", "int8", "nf4"] = "none"
+    attention_backend: str = Field("auto", description="diffusers attention backend, 'auto' or 'native'")
+    prompt_cache_size: int = Field(32, ge=0, description="prompt embeddings kept (LRU); 0 disables")
 
     lora_dir: Path = Path("loras")
     lora_cache_size: int = 8
@@ -45,6 +74,16 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes_parse(cls, value: str) -> str:
+        parse_sizes(value)
+        return value
+
+    @property
+    def warmup_size_list(self) -> list[tuple[int, int]]:
+        return parse_sizes(self.warmup_sizes)
 
     @property
     def binds_loopback(self) -> bool:

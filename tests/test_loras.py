@@ -172,3 +172,25 @@ def test_lora_scale_is_what_the_weight_says(live, states):
     save_diffusers(doubled, live.settings.lora_dir / "style-x2.safetensors")
     diff = np.abs(image(live, {"style-x2": 0.5}) - image(live, {"style": 1.0}))
     assert diff.max() <= 1
+
+
+
+def test_lora_applies_on_a_transformer_with_fused_qkv(tiny_checkpoint, states, tmp_path):
+    """--optimize compile fuses q/k/v; loading a LoRA must unfuse them or the LoRA is ignored."""
+    import torch
+
+    from pipelines.engine import Engine, GenerationSpec
+    from pipelines.loader import load_flux_pipeline
+    from pipelines.loras import LoraCache, LoraLibrary
+
+    pipe = load_flux_pipeline(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    save_diffusers(states["style"], tmp_path / "style.safetensors")
+    engine = Engine(pipe, loras=LoraCache(pipe, LoraLibrary(tmp_path)), prompt_cache_size=0)
+    spec = dict(prompt="a fox", width=512, height=512, steps=STEPS, guidance=3.5, seeds=[3])
+    base = pixels(engine.generate(GenerationSpec(**spec)).images[0])
+    pipe.transformer.fuse_qkv_projections()
+    fused_base = pixels(engine.generate(GenerationSpec(**spec)).images[0])
+    styled = pixels(engine.generate(GenerationSpec(**spec, loras={"style": 1.0})).images[0])
+    assert not any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules())
+    assert np.abs(fused_base - base).max() <= 1
+    assert np.abs(styled - base).mean() > 1.0

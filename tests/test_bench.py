@@ -1,0 +1,86 @@
+"""The benchmark harness end to end on the tiny model (a smoke run: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.flops import mfu, peak_tflops
+from benchmarks.pipeline import Shape, psnr, relative_error
+from benchmarks.report import markdown
+
+
+def test_harness_smoke_runs_pipeline_and_server_levels_and_writes_reports(tiny_checkpoint, tmp_path):
+    from benchmarks.run import main
+
+    out = tmp_path / "bench"
+    results = main(
+        ["--weights", tiny_checkpoint, "--device", "cpu", "--modes", "none,step-cache,fp8",
+         "--shapes", "512x512x1,512x512x2", "--steps", "3", "--warmup", "1", "--runs", "1",
+         "--cache-threshold", "0.5", "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["meta"]["weights"] == tiny_checkpoint
+    assert "| step-cache | 512x512 b2 |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    none, cache, fp8 = results["modes"]
+    assert [row["shape"] for row in none["shapes"]] == ["512x512 b1", "512x512 b2"]
+    assert all(row["speedup"] == 1.0 for row in none["shapes"])
+    for row in cache["shapes"]:
+        assert row["speedup"] > 0 and row["tflop_per_step"] > 0
+        assert 1 <= row["steps_computed"] <= 3
+        assert row["mfu"] is None  # no GPU peak to divide by
+    assert cache["quality"]["shape"] == "512x512 b1" and cache["quality"]["psnr_db"] > 0
+    assert cache["memory"]["peak_gpu_gb"] is None
+    server = none["server"]
+    assert server["server_median_s"] > 0 and server["overhead"] > -1
+    assert server["concurrent_requests"] == 2 and server["png_encode_ms"] > 0
+    assert "compute capability" in fp8["error"]  # a mode that cannot run here is reported, not fatal
+
+
+def test_time_budget_keeps_each_modes_first_shape_and_skips_the_rest(tiny_checkpoint, tmp_path):
+    from benchmarks.run import main
+
+    results = main(
+        ["--weights", tiny_checkpoint, "--device", "cpu", "--modes", "none", "--no-server", "--steps", "1",
+         "--shapes", "512x512x1,512x512x2", "--runs", "1", "--budget-s", "0.001", "--out", str(tmp_path)]
+    )  # fmt: skip
+    (mode,) = results["modes"]
+    assert [row["shape"] for row in mode["shapes"]] == ["512x512 b1"]
+    assert mode["skipped_shapes"] == ["512x512 b2"]
+
+
+def test_shapes_parse_with_default_batch():
+    assert Shape.parse("1344x768") == Shape(1344, 768, 1)
+    assert Shape.parse("1024x1024x4").label == "1024x1024 b4"
+    with pytest.raises(ValueError):
+        Shape.parse("1024")
+
+
+def test_quality_metrics():
+    import numpy as np
+    import torch
+
+    image = np.full((1, 4, 4, 3), 100, dtype=np.uint8)
+    assert psnr(image, image) == float("inf")
+    assert psnr(image + 1, image) == pytest.approx(48.13, abs=0.01)
+    reference = torch.ones(8)
+    assert relative_error(reference * 1.1, reference) == pytest.approx(0.1)
+
+
+def test_mfu_uses_the_gpus_bf16_peak():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert peak_tflops("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert peak_tflops("Some Future GPU") is None
+    assert mfu(989.4e12, 2.0, 989.4) == pytest.approx(0.5)
+    assert mfu(1.0, 1.0, None) is None
+
+
+def test_markdown_reports_a_failed_mode():
+    results = dict(
+        meta=dict(weights="tiny", device_name="CPU", command="x", steps=2, warmup=1, runs=1, peak_tflops=None,
+                  torch="t", diffusers="d"),
+        modes=[dict(mode="fp8", error="OptimizationError: needs a GPU", quality_cost="lossy")],
+    )  # fmt: skip
+    assert "| fp8 | – | failed: OptimizationError: needs a GPU" in markdown(results)
