@@ -67,9 +67,7 @@ def _never_stop() -> bool:
 class Engine:
     """Owns the resident pipeline; `generate` is called from one worker thread only."""
 
-    def __init__(
-        self, pipe, max_batch: int = 4, loras: LoraCache | None = None, prompt_cache_size: int = 32
-    ):
+    def __init__(self, pipe, max_batch: int = 4, loras: LoraCache | None = None, prompt_cache_size: int = 32):
         from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 
         self.pipe = pipe

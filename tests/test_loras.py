@@ -174,7 +174,6 @@ def test_lora_scale_is_what_the_weight_says(live, states):
     assert diff.max() <= 1
 
 
-
 def test_lora_applies_on_a_transformer_with_fused_qkv(tiny_checkpoint, states, tmp_path):
     """--optimize compile fuses q/k/v; loading a LoRA must unfuse them or the LoRA is ignored."""
     import torch
