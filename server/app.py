@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -13,10 +14,14 @@ from PIL import Image
 from pipelines.engine import Engine, GenerationSpec
 from pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
 from server.body_limit import BodySizeLimit
+from server.codec import configure_pillow
 from server.errors import install_error_handlers
 from server.jobs import JobQueue
+from server.requestlog import RequestContext
+from server.results import ResultStore
 from server.routes import generate, health
 from server.settings import Settings
+from server.shutdown import drain
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +36,27 @@ def build_engine(settings: Settings) -> Engine:
     return Engine(load_flux_pipeline(source, device, dtype), max_batch=settings.max_batch)
 
 
-def warm_up(engine: Engine, settings: Settings) -> None:
-    """One short generation per mode, so the first user request pays no first-call costs."""
+def warm_up(engine: Engine, settings: Settings, jobs: JobQueue) -> None:
+    """One short generation per mode, so the first user request pays no first-call costs.
+
+    The last one's timing seeds the throughput estimate behind Retry-After.
+    """
     if not settings.warmup:
         return
     image = Image.new("RGB", (512, 512), (127, 127, 127))
     mask = Image.new("L", (512, 512), 255)
     base = dict(prompt="warm-up", width=512, height=512, steps=settings.warmup_steps, guidance=3.5, seeds=[1])
     for extra in ({}, {"init_image": image}, {"init_image": image, "mask_image": mask}):
-        engine.generate(GenerationSpec(**base, **extra))
+        spec = GenerationSpec(**base, **extra)
+        result = engine.generate(spec)
+    jobs.observe(spec, result.seconds)
 
 
 def _load_in_background(app: FastAPI, factory: EngineFactory) -> None:
     state = app.state
     try:
         engine = factory(state.settings)
-        warm_up(engine, state.settings)
+        warm_up(engine, state.settings, state.jobs)
     except Exception as exc:  # readiness reports it; the process stays up to say why
         log.exception("model load failed")
         state.load_error = f"model load failed: {exc}"
@@ -58,24 +68,34 @@ def _load_in_background(app: FastAPI, factory: EngineFactory) -> None:
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> FastAPI:
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    configure_pillow(settings.max_image_pixels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = threading.Thread(target=_load_in_background, args=(app, engine_factory), daemon=True)
         loader.start()
         yield
-        app.state.ready.clear()
-        app.state.jobs.stop()
+        # Under `octoflux serve` SIGTERM has drained already; this covers any other way of stopping.
+        await asyncio.to_thread(drain, app)
+        if app.state.async_tasks:
+            await asyncio.wait(app.state.async_tasks, timeout=5)
+        app.state.results.close()
 
     app = FastAPI(title="octoflux", summary="OctoAI-compatible FLUX.1-dev server", lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = threading.Event()
+    app.state.draining = threading.Event()
     app.state.load_error = None
     app.state.engine = None
     app.state.jobs = JobQueue(settings.max_queue)
+    app.state.results = ResultStore(
+        ttl=settings.result_ttl, max_bytes=int(settings.max_result_mb * 2**20), spill_dir=settings.results_dir
+    )
+    app.state.async_tasks = set()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20))
+    # Outermost, so that even a 413 carries X-Request-ID and gets its log line.
+    app.add_middleware(RequestContext)
     return app

@@ -7,6 +7,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from pipelines.engine import GenerationFailed, OutOfMemory
+from server import jobs
+
+# Nginx's "client closed request": logged, never seen by the client that left.
+CLIENT_CLOSED = 499
 
 
 class ServiceUnavailable(Exception):
@@ -19,6 +23,30 @@ class ServiceUnavailable(Exception):
 def invalid(field: str, message: str, kind: str = "value_error") -> RequestValidationError:
     """A 422 for one body field, in FastAPI's own `{"detail": [{loc, msg, type}]}` shape."""
     return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+
+
+def job_failure(exc: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, error kind, message) for anything a queued job can end with."""
+    if isinstance(exc, OutOfMemory):
+        return (
+            503,
+            "out_of_memory",
+            "out of GPU memory for this request; retry with fewer images (num_images) or a smaller size",
+        )
+    if isinstance(exc, GenerationFailed):
+        return 500, "generation_failed", f"generation failed: {exc}"
+    if isinstance(exc, jobs.ShuttingDown):
+        return 503, "shutting_down", f"{exc}; retry (another replica or after the restart)"
+    if isinstance(exc, jobs.JobCancelled):
+        if exc.reason == jobs.TIMEOUT:
+            what = "interrupted" if exc.started else "dropped from the queue"
+            return 504, "timeout", f"request timed out; the job was {what}"
+        if exc.reason == jobs.SHUTDOWN:
+            return 503, "shutting_down", "server shutting down: the job was interrupted; retry"
+        if exc.reason == jobs.CLIENT_GONE:
+            return CLIENT_CLOSED, "client_disconnected", "client disconnected; the job was cancelled"
+        return 409, "cancelled", f"job cancelled: {exc.reason}"
+    return 500, "internal", f"generation failed: {type(exc).__name__}"
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -36,12 +64,9 @@ def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
 
 
 def _generation_failed(request: Request, exc: GenerationFailed) -> JSONResponse:
-    if isinstance(exc, OutOfMemory):
-        return JSONResponse(
-            status_code=503,
-            content={"detail": "out of GPU memory for this request; try fewer images or a smaller size"},
-        )
-    return JSONResponse(status_code=500, content={"detail": f"generation failed: {exc}"})
+    status, kind, detail = job_failure(exc)
+    request.state.log["error"] = kind
+    return JSONResponse(status_code=status, content={"detail": detail})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -74,6 +74,16 @@ class GenerateRequest(BaseModel):
     use_refiner: Any = None
     vae: Any = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_text(cls, prompt: str) -> str:
+        # JSON can carry lone surrogates ("\ud800"), which no tokenizer can encode.
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("prompt is not valid Unicode text (it contains a lone surrogate)") from None
+        return prompt
+
     @field_validator(*UNSUPPORTED_ON_FLUX)
     @classmethod
     def _not_on_flux(cls, value: Any) -> None:
@@ -100,6 +110,25 @@ class ImageGeneration(BaseModel):
 class GenerateResponse(BaseModel):
     images: list[ImageGeneration]
     prediction_time_ms: float
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+class AsyncAccepted(BaseModel):
+    """What `X-OctoAI-Async: 1` returns at once; the octoai SDK's `InferenceFuture`."""
+
+    response_id: str
+    poll_url: str
+
+
+class AsyncStatus(BaseModel):
+    response_id: str
+    status: Literal["pending", "running", "completed", "failed", "cancelled"]
+    created_at: float = Field(description="Unix time the job was accepted")
+    error: str | None = Field(None, description="Why the job failed or was cancelled")
+    response_url: str | None = Field(None, description="Where the result is, once completed")
 
 
 def resolution_error(width: int | None, height: int | None) -> str:
