@@ -21,19 +21,27 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._reject(send)
         received = 0
+        too_large = False
         response_started = False
 
         async def counting_receive():
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise BodyTooLarge()
             return message
 
         async def tracking_send(message):
             nonlocal response_started
+            if too_large:
+                # The app caught BodyTooLarge while parsing (FastAPI answers 400): answer 413 instead.
+                if message["type"] == "http.response.start" and not response_started:
+                    response_started = True
+                    await self._reject(send)
+                return
             response_started |= message["type"] == "http.response.start"
             await send(message)
 

@@ -50,12 +50,27 @@ def job_failure(exc: BaseException) -> tuple[int, str, str]:
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    body_not_object = any(tuple(e.get("loc", ())) == ("body",) for e in errors)
+    if body_not_object:
+        content_type = request.headers.get("content-type", "")
+        if not content_type.split(";")[0].strip().lower().endswith("json"):
+            # FastAPI does not parse other media types as JSON: say so instead of "not an object".
+            shown = content_type or "none"
+            message = f"Content-Type must be application/json (got {shown})"
+            return JSONResponse(status_code=415, content={"detail": message})
     # Drop "input"/"ctx": echoing a 30 MB base64 image back helps nobody.
     detail = [
-        {"loc": list(err.get("loc", ())), "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
-        for err in exc.errors()
+        {"loc": list(err.get("loc", ())), "msg": _message(err), "type": str(err.get("type", ""))}
+        for err in errors
     ]
     return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _message(err: dict) -> str:
+    if tuple(err.get("loc", ())) == ("body",) and err.get("type") == "model_attributes_type":
+        return "the request body must be a JSON object"
+    return str(err.get("msg", ""))
 
 
 def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:

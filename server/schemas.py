@@ -74,16 +74,6 @@ class GenerateRequest(BaseModel):
     use_refiner: Any = None
     vae: Any = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_is_text(cls, prompt: str) -> str:
-        # JSON can carry lone surrogates ("\ud800"), which no tokenizer can encode.
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("prompt is not valid Unicode text (it contains a lone surrogate)") from None
-        return prompt
-
     @field_validator(*UNSUPPORTED_ON_FLUX)
     @classmethod
     def _not_on_flux(cls, value: Any) -> None:

@@ -175,6 +175,7 @@ GENERATE_RESPONSES = {
     202: {"model": AsyncAccepted, "description": "Accepted for async inference (`X-OctoAI-Async: 1`)"},
     401: {"model": ErrorDetail, "description": "Missing or invalid bearer token"},
     413: {"model": ErrorDetail, "description": "Request body over the size limit"},
+    415: {"model": ErrorDetail, "description": "Body is not application/json"},
     429: {"model": ErrorDetail, "description": "Queue full; retry after the `Retry-After` seconds"},
     500: {"model": ErrorDetail, "description": "The pipeline failed on this job"},
     503: {"model": ErrorDetail, "description": "Loading, shutting down, or out of GPU memory"},
