@@ -63,8 +63,16 @@ def _load_in_background(app: FastAPI, factory: EngineFactory) -> None:
         return
     state.engine = engine
     state.jobs.start(engine)
-    state.ready.set()
-    log.info("ready")
+    if not state.draining.is_set():  # a SIGTERM during loading wins
+        state.ready.set()
+        log.info("ready")
+
+
+async def _sweep_results(app: FastAPI, every: float = 60.0) -> None:
+    """Expire async results even when nobody polls (the store also sweeps on every access)."""
+    while True:
+        await asyncio.sleep(every)
+        app.state.results.sweep()
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> FastAPI:
@@ -74,7 +82,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
     async def lifespan(app: FastAPI):
         loader = threading.Thread(target=_load_in_background, args=(app, engine_factory), daemon=True)
         loader.start()
+        sweeper = asyncio.ensure_future(_sweep_results(app))
         yield
+        sweeper.cancel()
         # Under `octoflux serve` SIGTERM has drained already; this covers any other way of stopping.
         await asyncio.to_thread(drain, app)
         if app.state.async_tasks:

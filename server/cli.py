@@ -22,6 +22,8 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--api-keys", help="comma-separated bearer tokens")
     serve.add_argument("--allow-unauthenticated", action="store_true", default=None)
     serve.add_argument("--max-body-mb", type=float)
+    serve.add_argument("--max-image-mb", type=float, help="largest decoded request image")
+    serve.add_argument("--max-image-pixels", type=int, help="pixel limit for request images")
     serve.add_argument("--max-queue", type=int)
     serve.add_argument("--max-batch", type=int, help="images per forward pass")
     serve.add_argument("--lora-dir", type=Path)

@@ -82,8 +82,9 @@ def decode_image(value: str, field: str, max_bytes: int, max_pixels: int) -> Ima
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError(field, "not a PNG, JPEG or WebP image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(field, f"image dimensions over the pixel limit ({exc})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard fires while opening, before the size check above can run.
+        raise ImageDecodeError(field, f"image exceeds the {max_pixels} pixel limit") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(field, f"corrupt or truncated image ({exc})") from None
     return image

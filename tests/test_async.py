@@ -136,6 +136,17 @@ def test_async_result_is_readable_only_with_the_creating_token(server_factory):
             assert client.delete(job["poll_url"], headers=bob).status_code == 404
             assert client.get(job["poll_url"]).status_code == 401
 
+        # The SDK's async calls use its bare httpx client: with auth on, give it the header.
+        sdk = live.client(api_key="alice-key")
+        sdk_with_auth = type(sdk)(
+            api_key="alice-key",
+            environment=sdk._client_wrapper.get_environment(),
+            httpx_client=httpx.Client(headers=alice, timeout=WAIT),
+        )
+        future = sdk_with_auth.infer_async(f"{live.url}/generate/flux-dev", body("via sdk"))
+        wait_until(lambda: sdk_with_auth.is_future_ready(future), what="async job via the SDK")
+        assert len(sdk_with_auth.get_future_result(future)["images"]) == 1
+
 
 # The result store on its own: TTL, memory budget, spilling to disk.
 

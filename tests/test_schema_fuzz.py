@@ -34,7 +34,7 @@ CHECKS = [
     checks.response_schema_conformance,
     checks.response_headers_conformance,
 ]
-EXAMPLES_PER_OPERATION = 20
+EXAMPLES_PER_OPERATION = 15
 
 
 @pytest.mark.timeout(180)

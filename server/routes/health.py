@@ -26,7 +26,13 @@ async def readyz(request: Request):
     if not state.ready.is_set():
         detail = state.load_error or "loading model"
         return JSONResponse(status_code=503, content={"status": "not ready", "detail": detail})
-    return {"status": "ready", "model": state.settings.model, "queue_depth": state.jobs.depth}
+    jobs = state.jobs
+    return {
+        "status": "ready",
+        "model": state.settings.model,
+        "queue_depth": jobs.depth,
+        "in_flight": jobs.in_flight,
+    }
 
 
 @router.get(
