@@ -81,6 +81,8 @@ class ResultStore:
         return record
 
     def complete(self, record: AsyncRecord, body: bytes) -> None:
+        if record.status in FINAL:  # cancelled by DELETE just as it finished
+            return
         record.body, record.size = body, len(body)
         self.memory_bytes += record.size
         self._finish(record, COMPLETED)

@@ -235,7 +235,6 @@ async def generate_flux_dev(
     fields["job_id"] = job.id
     if is_async:
         return accept_async(request, job, encoding)
-    started = time.monotonic()
     try:
         result = await wait_for_job(request, job, settings.request_timeout or None)
     except (JobCancelled, ShuttingDown) as exc:
@@ -246,7 +245,7 @@ async def generate_flux_dev(
     encode_started = time.monotonic()
     response = await run_in_threadpool(build_response, result, spec, encoding)
     fields.update(job_fields(job, time.monotonic() - encode_started))
-    metrics.REQUEST_SECONDS.labels(spec.mode, "sync").observe(time.monotonic() - started)
+    metrics.REQUEST_SECONDS.labels(spec.mode, "sync").observe(time.monotonic() - job.enqueued_at)
     metrics.IMAGES_GENERATED.labels(spec.mode).inc(len(response.images))
     return response
 
@@ -345,11 +344,11 @@ async def response_result(response_id: str, request: Request):
         return error_response(
             request, 409, "not_completed", f"job is {status}: {record.error or 'no result yet'}"
         )
-    body = await run_in_threadpool(state_read, request, record)
+    body = await run_in_threadpool(read_result, request, record)
     return Response(content=body, media_type="application/json")
 
 
-def state_read(request: Request, record: AsyncRecord) -> bytes:
+def read_result(request: Request, record: AsyncRecord) -> bytes:
     return request.app.state.results.read(record)
 
 
