@@ -37,9 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class Tally:
     latencies: list[float] = field(default_factory=list)
+    throttled_latencies: list[float] = field(default_factory=list)  # requests that saw a 429
+    unthrottled_latencies: list[float] = field(default_factory=list)
     attempts: int = 0
     throttled: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    rss_samples: list[tuple[int, float]] = field(default_factory=list)  # (completed, MB)
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -52,16 +55,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def resident_mb(client: httpx.Client) -> float:
-    for line in client.get("/metrics").text.splitlines():
+def parse_rss_mb(metrics_text: str) -> float:
+    for line in metrics_text.splitlines():
         if line.startswith("process_resident_memory_bytes "):
             return float(line.split()[1]) / 2**20
     raise RuntimeError("server does not export process_resident_memory_bytes")
 
 
+def resident_mb(client: httpx.Client) -> float:
+    return parse_rss_mb(client.get("/metrics").text)
+
+
 async def one_request(client: httpx.AsyncClient, payload: dict, tally: Tally, deadline: float) -> None:
     """One logical request: retried after Retry-After on 429, as the SDK does."""
     started = time.monotonic()
+    throttled = False
     while time.monotonic() < deadline:
         tally.attempts += 1
         try:
@@ -71,22 +79,36 @@ async def one_request(client: httpx.AsyncClient, payload: dict, tally: Tally, de
             return
         if response.status_code == 429:
             tally.throttled += 1
+            throttled = True
             await asyncio.sleep(float(response.headers.get("retry-after", "1")))
             continue
         if response.status_code != 200:
             tally.error(f"http_{response.status_code}")
             return
         tally.latencies.append(time.monotonic() - started)
+        (tally.throttled_latencies if throttled else tally.unthrottled_latencies).append(tally.latencies[-1])
         return
     tally.error("deadline")
 
 
 async def drive(
-    url: str, clients: int, requests: int, payload: dict, max_seconds: float
+    url: str, clients: int, requests: int, payload: dict, max_seconds: float, rss_every: int
 ) -> tuple[Tally, float]:
     tally = Tally()
     remaining = iter(range(requests))
     deadline = time.monotonic() + max_seconds
+    finished = asyncio.Event()
+
+    async def sample_rss() -> None:
+        """The server's RSS every `rss_every` completed requests: growth should level off."""
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            next_mark = rss_every
+            while not finished.is_set():
+                if len(tally.latencies) >= next_mark:
+                    rss = parse_rss_mb((await client.get("/metrics")).text)
+                    tally.rss_samples.append((len(tally.latencies), round(rss, 1)))
+                    next_mark += rss_every
+                await asyncio.sleep(0.05)
 
     async def client_loop() -> None:
         async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600)) as client:
@@ -96,8 +118,12 @@ async def drive(
                 await one_request(client, payload, tally, deadline)
 
     started = time.monotonic()
+    sampler = asyncio.ensure_future(sample_rss())
     await asyncio.gather(*(client_loop() for _ in range(clients)))
-    return tally, time.monotonic() - started
+    seconds = time.monotonic() - started
+    finished.set()
+    await sampler
+    return tally, seconds
 
 
 def free_port() -> int:
@@ -154,7 +180,9 @@ def run(args: argparse.Namespace, url: str) -> dict:
         for _ in range(args.warmup):  # let allocator pools and caches settle before the baseline
             client.post("/generate/flux-dev", json=payload).raise_for_status()
         rss_before = resident_mb(client)
-        tally, seconds = asyncio.run(drive(url, args.clients, args.requests, payload, args.max_seconds))
+        tally, seconds = asyncio.run(
+            drive(url, args.clients, args.requests, payload, args.max_seconds, args.rss_every)
+        )
         rss_after = resident_mb(client)
     done = len(tally.latencies)
     return {
@@ -168,12 +196,16 @@ def run(args: argparse.Namespace, url: str) -> dict:
         "latency_p50_s": round(percentile(tally.latencies, 0.50), 3),
         "latency_p99_s": round(percentile(tally.latencies, 0.99), 3),
         "latency_mean_s": round(statistics.fmean(tally.latencies), 3) if done else None,
+        "latency_p50_throttled_s": round(percentile(tally.throttled_latencies, 0.50), 3),
+        "latency_p99_unthrottled_s": round(percentile(tally.unthrottled_latencies, 0.99), 3),
+        "requests_throttled": len(tally.throttled_latencies),
         "attempts": tally.attempts,
         "throttled_429": tally.throttled,
         "errors": tally.errors,
         "rss_before_mb": round(rss_before, 1),
         "rss_after_mb": round(rss_after, 1),
         "rss_growth_mb": round(rss_after - rss_before, 1),
+        "rss_samples_mb": tally.rss_samples,
     }
 
 
@@ -188,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=20, help="requests before the RSS baseline")
+    parser.add_argument("--rss-every", type=int, default=100, help="sample RSS every N requests")
     parser.add_argument("--max-seconds", type=float, default=3600, help="stop issuing requests after this")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)

@@ -89,8 +89,9 @@ class RequestContext:
 
     @staticmethod
     def _log(scope, request_id: str, status: int, seconds: float, fields: dict) -> None:
+        quiet = scope.get("path") in QUIET_PATHS
         kind = error_kind(status, fields)
-        if kind is not None:
+        if kind is not None and not quiet:  # a 503 from /readyz while loading is no error
             metrics.ERRORS.labels(kind).inc()
         line = {
             "ts": round(time.time(), 3),
@@ -104,7 +105,7 @@ class RequestContext:
         }
         if kind is not None:
             line["error"] = kind
-        level = logging.DEBUG if scope.get("path") in QUIET_PATHS and status < 500 else logging.INFO
+        level = logging.DEBUG if quiet and status != 500 else logging.INFO
         access_log.log(level, json.dumps(line, ensure_ascii=False, default=str))
 
 
