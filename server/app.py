@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -16,10 +17,14 @@ from pipelines.loras import LoraCache, LoraLibrary
 from pipelines.optimize import apply_optimizations, warmup_shapes
 from server.asset_store import AssetStore
 from server.body_limit import BodySizeLimit
+from server.codec import configure_pillow
 from server.errors import install_error_handlers
 from server.jobs import JobQueue
+from server.requestlog import RequestContext
+from server.results import ResultStore
 from server.routes import assets, generate, health
 from server.settings import Settings
+from server.shutdown import drain
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +51,12 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
-def warm_up(engine: Engine, settings: Settings) -> None:
+def warm_up(engine: Engine, settings: Settings, jobs: JobQueue) -> None:
     """Text-to-image at each `--warmup-sizes` size (compiling it), then img2img and inpaint once.
 
     The first user request of a warmed size pays no compile or first-call costs; any other size
-    still works, compiling on its first request.
+    still works, compiling on its first request. The last run's timing seeds the throughput
+    estimate behind Retry-After.
     """
     if not settings.warmup:
         return
@@ -63,43 +69,63 @@ def warm_up(engine: Engine, settings: Settings) -> None:
     image = Image.new("RGB", (width, height), (127, 127, 127))
     mask = Image.new("L", (width, height), 255)
     for extra in ({"init_image": image}, {"init_image": image, "mask_image": mask}):
-        engine.generate(GenerationSpec(**base, width=width, height=height, **extra))
+        spec = GenerationSpec(**base, width=width, height=height, **extra)
+        result = engine.generate(spec)
+    jobs.observe(spec, result.seconds)
 
 
 def _load_in_background(app: FastAPI, factory: EngineFactory) -> None:
     state = app.state
     try:
         engine = factory(state.settings)
-        warm_up(engine, state.settings)
+        warm_up(engine, state.settings, state.jobs)
     except Exception as exc:  # readiness reports it; the process stays up to say why
         log.exception("model load failed")
         state.load_error = f"model load failed: {exc}"
         return
     state.engine = engine
     state.jobs.start(engine)
-    state.ready.set()
-    log.info("ready")
+    if not state.draining.is_set():  # a SIGTERM during loading wins
+        state.ready.set()
+        log.info("ready")
+
+
+async def _sweep_results(app: FastAPI, every: float = 60.0) -> None:
+    """Expire async results even when nobody polls (the store also sweeps on every access)."""
+    while True:
+        await asyncio.sleep(every)
+        app.state.results.sweep()
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> FastAPI:
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    configure_pillow(settings.max_image_pixels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = threading.Thread(target=_load_in_background, args=(app, engine_factory), daemon=True)
         loader.start()
+        sweeper = asyncio.ensure_future(_sweep_results(app))
         yield
-        app.state.ready.clear()
-        app.state.jobs.stop()
+        sweeper.cancel()
+        # Under `octoflux serve` SIGTERM has drained already; this covers any other way of stopping.
+        await asyncio.to_thread(drain, app)
+        if app.state.async_tasks:
+            await asyncio.wait(app.state.async_tasks, timeout=5)
+        app.state.results.close()
 
     app = FastAPI(title="octoflux", summary="OctoAI-compatible FLUX.1-dev server", lifespan=lifespan)
     app.state.settings = settings
     app.state.ready = threading.Event()
+    app.state.draining = threading.Event()
     app.state.load_error = None
     app.state.engine = None
     app.state.jobs = JobQueue(settings.max_queue)
     app.state.lora_library = LoraLibrary(settings.lora_dir)
     app.state.assets = AssetStore(app.state.lora_library, settings.lora_upload_ttl_s)
+    app.state.results = ResultStore(
+        ttl=settings.result_ttl, max_bytes=int(settings.max_result_mb * 2**20), spill_dir=settings.results_dir
+    )
+    app.state.async_tasks = set()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
@@ -107,4 +133,6 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
     app.add_middleware(
         BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20), exempt=assets.is_upload_path
     )
+    # Outermost, so that even a 413 carries X-Request-ID and gets its log line.
+    app.add_middleware(RequestContext)
     return app

@@ -23,6 +23,8 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--api-keys", help="comma-separated bearer tokens")
     serve.add_argument("--allow-unauthenticated", action="store_true", default=None)
     serve.add_argument("--max-body-mb", type=float)
+    serve.add_argument("--max-image-mb", type=float, help="largest decoded request image")
+    serve.add_argument("--max-image-pixels", type=int, help="pixel limit for request images")
     serve.add_argument("--max-queue", type=int)
     serve.add_argument("--max-batch", type=int, help="images per forward pass")
     serve.add_argument("--lora-dir", type=Path)
@@ -31,6 +33,12 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--lora-upload-ttl-s", type=float, help="lifetime of an asset upload URL")
     serve.add_argument("--tiny-dir", type=Path, help="where --model tiny is written once")
     serve.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
+    serve.add_argument("--request-timeout", type=float, help="seconds a sync request may take (0: no limit)")
+    serve.add_argument("--shutdown-timeout", type=float, help="seconds the running job gets on SIGTERM")
+    serve.add_argument("--result-ttl", type=float, help="seconds async results are kept")
+    serve.add_argument("--max-result-mb", type=float, help="async results held in memory before spilling")
+    serve.add_argument("--results-dir", type=Path, help="where spilled async results go")
+    serve.add_argument("--public-url", help="base URL for async poll/response URLs")
     serve.add_argument("--warmup-sizes", help="comma-separated WxH sizes warmed (and compiled) before ready")
     perf = serve.add_argument_group("speed and memory modes (pipelines/optimize.py)")
     perf.add_argument("--optimize", choices=["none", "compile", "fp8", "cache"])
@@ -51,9 +59,15 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.requestlog import configure_access_log
+    from server.shutdown import GracefulServer
 
     settings.check_auth_exposure()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    configure_access_log()
+    app = create_app(settings)
+    # uvicorn's own access log would be a second, unstructured line per request.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    GracefulServer(config, app).run()
 
 
 def make_tiny(directory: Path) -> None:

@@ -1,19 +1,43 @@
-"""The bounded FIFO queue between HTTP handlers and the one worker thread that owns the GPU."""
+"""The bounded FIFO between HTTP handlers and the one worker thread that owns the GPU.
+
+Admission (429 with a Retry-After from measured throughput), deadlines, cancellation at the
+next denoising step, and a drain for graceful shutdown all live here.
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
-import queue
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from pipelines.engine import Engine, GenerationCancelled, GenerationResult, GenerationSpec
+from pipelines.engine import (
+    Engine,
+    GenerationCancelled,
+    GenerationFailed,
+    GenerationResult,
+    GenerationSpec,
+    OutOfMemory,
+)
+from pipelines.loras import LoraError
+from server import metrics
 
 log = logging.getLogger(__name__)
+
+# Why a job was cancelled; the HTTP layer turns each into its own status.
+CLIENT_GONE = "client disconnected"
+TIMEOUT = "request timeout"
+SHUTDOWN = "server shutting down"
+DELETED = "cancelled by the client"
+
+# Until a job has been measured, assume this many seconds per unit of work (see `work_units`).
+DEFAULT_SECONDS_PER_UNIT = 0.5
+MAX_RETRY_AFTER = 60
 
 
 class QueueFull(Exception):
@@ -24,92 +48,267 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
+class ShuttingDown(Exception):
+    """The server is draining: the job was not accepted, or was dropped before it ran."""
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before it finished; `reason` says by whom."""
+
+    def __init__(self, reason: str, started: bool):
+        super().__init__(reason)
+        self.reason = reason
+        self.started = started
+
+
+def work_units(spec: GenerationSpec) -> float:
+    """Relative cost of a job: denoising steps x images x megapixels."""
+    return max(1, spec.steps) * len(spec.seeds) * spec.width * spec.height / 2**20
+
+
+@dataclass(eq=False)  # identity: comparing specs would compare their images pixel by pixel
 class Job:
     spec: GenerationSpec
+    api: str = "sync"
+    request_id: str = ""
+    deadline: float | None = None  # time.monotonic() after which the job is dropped or interrupted
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future[GenerationResult] = field(default_factory=Future)
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    finished_at: float | None = None
 
-    def cancel(self) -> None:
-        """Drop the job if queued; stop it at the next denoising step if running."""
-        self.cancel_event.set()
+    def cancel(self, reason: str) -> None:
+        """Stop at the next denoising step if running; the queue drops it if waiting."""
+        if not self.cancel_event.is_set():
+            self.cancel_reason = reason
+            self.cancel_event.set()
 
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
+
+    def past_deadline(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.monotonic()) > self.deadline
+
+    @property
+    def queue_wait(self) -> float:
+        return (self.started_at or time.monotonic()) - self.enqueued_at
+
+    @property
+    def gpu_seconds(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        return (self.finished_at or time.monotonic()) - self.started_at
 
 
 class JobQueue:
     """FIFO of jobs, consumed by a single worker thread that calls `Engine.generate`."""
 
     def __init__(self, max_queue: int):
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max(1, max_queue))
-        self._thread: threading.Thread | None = None
+        self.max_queue = max(1, max_queue)
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
         self._running: Job | None = None
-        self._seconds_per_job = 1.0  # moving average, used for Retry-After
+        self._thread: threading.Thread | None = None
+        self._engine: Engine | None = None
+        self._accepting = True
+        self._stopping = False
+        self._seconds_per_unit: float | None = None
+        self._drained = threading.Event()
+        self._drain_started = False
 
     @property
     def depth(self) -> int:
         """Jobs waiting, not counting the one running."""
-        return self._queue.qsize()
+        return len(self._pending)
 
     @property
     def in_flight(self) -> int:
         return int(self._running is not None)
 
-    def submit(self, spec: GenerationSpec) -> Job:
-        job = Job(spec=spec)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(self.retry_after_seconds()) from None
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    def submit(
+        self, spec: GenerationSpec, *, api: str = "sync", request_id: str = "", timeout: float | None = None
+    ) -> Job:
+        """Queue a job, or raise QueueFull / ShuttingDown."""
+        deadline = time.monotonic() + timeout if timeout else None
+        job = Job(spec=spec, api=api, request_id=request_id, deadline=deadline)
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(self.retry_after_seconds())
+            self._pending.append(job)
+            self._cond.notify_all()
         return job
 
+    def cancel(self, job: Job, reason: str) -> None:
+        """Drop a waiting job at once; a running one stops at its next denoising step."""
+        with self._cond:
+            job.cancel(reason)
+            if job in self._pending:
+                self._pending.remove(job)
+                job.future.set_exception(JobCancelled(reason, started=False))
+
+    # Throughput, for Retry-After.
+
+    def observe(self, spec: GenerationSpec, seconds: float) -> None:
+        """Fold one measured job into the moving average of seconds per work unit."""
+        per_unit = seconds / work_units(spec)
+        if self._seconds_per_unit is None:
+            self._seconds_per_unit = per_unit
+        else:
+            self._seconds_per_unit = 0.7 * self._seconds_per_unit + 0.3 * per_unit
+
+    def estimate_seconds(self, spec: GenerationSpec) -> float:
+        return work_units(spec) * (self._seconds_per_unit or DEFAULT_SECONDS_PER_UNIT)
+
     def retry_after_seconds(self) -> int:
-        waiting = self.depth + self.in_flight
-        return max(1, math.ceil(waiting * self._seconds_per_job))
+        """Seconds until a queue slot is expected to free: what is left of the running job.
+
+        A slot opens when the worker takes the next job, i.e. when the running one ends. Waiting
+        for the whole backlog would leave the GPU idle; clients that retry too early get another
+        429, and the SDK's backoff spreads them.
+        """
+        running = self._running
+        if running is not None and running.started_at is not None:
+            left = self.estimate_seconds(running.spec) - (time.monotonic() - running.started_at)
+        elif self._pending:
+            left = self.estimate_seconds(self._pending[0].spec)
+        else:
+            left = 1.0
+        return min(MAX_RETRY_AFTER, max(1, math.ceil(left)))
+
+    # The worker.
 
     def start(self, engine: Engine) -> None:
-        self._thread = threading.Thread(
-            target=self._work, args=(engine,), name="octoflux-worker", daemon=True
-        )
-        self._thread.start()
+        with self._cond:
+            if self._stopping:
+                return
+            self._engine = engine
+            self._thread = threading.Thread(target=self._work, name="octoflux-worker", daemon=True)
+            self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel what is queued, let the worker exit after its current job."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-                job.future.set_exception(GenerationCancelled("server shutting down"))
+    def drain(self, timeout: float) -> None:
+        """Graceful shutdown: refuse new jobs, fail the queued ones, let the running one finish.
+
+        The running job is interrupted at its next step if it takes longer than `timeout`
+        seconds. Safe to call from several threads; later callers wait for the first.
+        """
+        with self._cond:
+            first = not self._drain_started
+            self._drain_started = True
+            self._accepting = False
+            dropped = list(self._pending)
+            self._pending.clear()
+            for job in dropped:
+                job.cancel(SHUTDOWN)
+                job.future.set_exception(ShuttingDown("server shut down before the job started"))
+        if not first:
+            self._drained.wait(timeout + 30)
+            return
+        if dropped:
+            log.info("shutdown: dropped %d queued jobs", len(dropped))
+        self._wait_idle(timeout)
+        running = self._running
+        if running is not None:
+            log.warning("shutdown: interrupting job %s after %.0fs", running.id, timeout)
+            running.cancel(SHUTDOWN)
+            self._wait_idle(30)  # one denoising step
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
+            self._thread.join(5)
+        self._drained.set()
 
-    def _work(self, engine: Engine) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.cancelled:
-                job.future.set_exception(GenerationCancelled("cancelled while queued"))
-                continue
-            self._run(engine, job)
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._running is not None and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
 
-    def _run(self, engine: Engine, job: Job) -> None:
-        self._running = job
+    def _next(self) -> Job | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            job = self._pending.popleft()
+            self._running = job
+            return job
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            try:
+                if job.past_deadline():
+                    job.cancel(TIMEOUT)
+                    job.future.set_exception(JobCancelled(TIMEOUT, started=False))
+                else:
+                    self._run(job)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._cond.notify_all()
+
+    def _run(self, job: Job) -> None:
+        engine = self._engine
+        assert engine is not None
         job.started_at = time.monotonic()
+        mode = job.spec.mode
+        metrics.QUEUE_WAIT_SECONDS.labels(mode, job.api).observe(job.queue_wait)
+        failure: BaseException | None = None
         try:
-            result = engine.generate(job.spec, should_stop=lambda: job.cancelled)
+            result = engine.generate(job.spec, should_stop=self._stop_check(job))
+        except GenerationCancelled:
+            failure = JobCancelled(job.cancel_reason or DELETED, started=True)
+        except OutOfMemory as exc:
+            failure = OutOfMemory(str(exc))
+        except LoraError as exc:  # the request's fault (a bad or vanished file): a 422, not a crash
+            failure = LoraError(exc.name, str(exc))
+        except GenerationFailed as exc:
+            log.exception("job %s failed", job.id)
+            failure = GenerationFailed(str(exc))
         except BaseException as exc:  # the worker must survive anything a job raises
-            if not isinstance(exc, GenerationCancelled):
-                log.exception("job %s failed", job.id)
-            job.future.set_exception(exc)
-        else:
-            self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * result.seconds
+            log.exception("job %s failed", job.id)
+            failure = GenerationFailed(f"{type(exc).__name__}: {exc}")
+        job.finished_at = time.monotonic()
+        if failure is None:
+            self.observe(job.spec, job.gpu_seconds)
+            metrics.GPU_SECONDS.labels(mode).observe(job.gpu_seconds)
             job.future.set_result(result)
-        finally:
-            self._running = None
+            return
+        # The failure handed to the HTTP side is a fresh exception without a traceback: a
+        # traceback would keep the pipeline's frames, and their device tensors, alive.
+        if isinstance(failure, OutOfMemory):
+            gc.collect()
+            engine._free_memory()
+        job.future.set_exception(failure)
+
+    @staticmethod
+    def _stop_check(job: Job):
+        """The engine's per-step callback: records step times and answers "stop now?"."""
+        last_step: list[float] = []
+
+        def should_stop() -> bool:
+            now = time.monotonic()
+            if last_step:  # the first interval includes text encoding; skip it
+                metrics.STEP_SECONDS.observe(now - last_step[0])
+                last_step[0] = now
+            else:
+                last_step.append(now)
+            if job.past_deadline(now):
+                job.cancel(TIMEOUT)
+            return job.cancelled
+
+        return should_stop

@@ -102,6 +102,25 @@ class GenerateResponse(BaseModel):
     prediction_time_ms: float
 
 
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+class AsyncAccepted(BaseModel):
+    """What `X-OctoAI-Async: 1` returns at once; the octoai SDK's `InferenceFuture`."""
+
+    response_id: str
+    poll_url: str
+
+
+class AsyncStatus(BaseModel):
+    response_id: str
+    status: Literal["pending", "running", "completed", "failed", "cancelled"]
+    created_at: float = Field(description="Unix time the job was accepted")
+    error: str | None = Field(None, description="Why the job failed or was cancelled")
+    response_url: str | None = Field(None, description="Where the result is, once completed")
+
+
 def resolution_error(width: int | None, height: int | None) -> str:
     listed = ", ".join(f"{w}x{h}" for w, h in SUPPORTED_RESOLUTIONS)
     return f"{width}x{height} is not a supported FLUX.1-dev resolution (width x height); use one of: {listed}"

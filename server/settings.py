@@ -66,6 +66,23 @@ class Settings(BaseSettings):
     attention_backend: str = Field("auto", description="diffusers attention backend, 'auto' or 'native'")
     prompt_cache_size: int = Field(32, ge=0, description="prompt embeddings kept (LRU); 0 disables")
 
+    request_timeout: float = Field(
+        300.0, description="seconds a sync request may wait and run; past it a 504 (0: no limit)"
+    )
+    shutdown_timeout: float = Field(
+        60.0, description="on SIGTERM, seconds the running job may take before it is interrupted"
+    )
+    result_ttl: float = Field(3600.0, description="seconds a finished async result is kept")
+    max_result_mb: float = Field(
+        512.0, description="async results kept in memory; older ones spill to --results-dir"
+    )
+    results_dir: Path | None = Field(
+        None, description="where results over --max-result-mb go (default: a temp dir)"
+    )
+    public_url: str = Field(
+        "", description="base of the absolute poll/response URLs (default: the request's own host)"
+    )
+
     lora_dir: Path = Path("loras")
     lora_cache_size: int = 8
     max_lora_mb: float = 2048.0

@@ -1,20 +1,26 @@
-"""`POST /generate/flux-dev`: validate, decode, queue, wait, encode."""
+"""`POST /generate/flux-dev` (sync and async) and the async poll/result/cancel endpoints."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import secrets
+import time
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from pipelines.engine import GenerationCancelled, GenerationSpec
+from pipelines.engine import GenerationResult, GenerationSpec
 from pipelines.loras import LoraError, LoraLibrary, lora_name
+from server import jobs, metrics
 from server.auth import require_bearer
 from server.codec import ImageDecodeError, decode_image, encode_images, fit
-from server.errors import ServiceUnavailable, invalid
-from server.jobs import QueueFull
+from server.errors import ServiceUnavailable, invalid, job_failure
+from server.jobs import Job, JobCancelled, QueueFull, ShuttingDown
+from server.results import CANCELLED, COMPLETED, FAILED, FINAL, AsyncRecord, owner_key
 from server.schemas import (
     DEFAULT_GUIDANCE,
     DEFAULT_INPAINT_STRENGTH,
@@ -23,6 +29,9 @@ from server.schemas import (
     DEFAULT_STRENGTH,
     MAX_SEED,
     SUPPORTED_RESOLUTIONS,
+    AsyncAccepted,
+    AsyncStatus,
+    ErrorDetail,
     GenerateRequest,
     GenerateResponse,
     ImageGeneration,
@@ -32,7 +41,9 @@ from server.schemas import (
 from server.settings import Settings
 
 router = APIRouter()
-DISCONNECT_POLL_SECONDS = 0.25
+log = logging.getLogger(__name__)
+job_log = logging.getLogger("octoflux.access")
+ASYNC_TRUE = {"1", "true", "yes"}
 
 
 def resolve_seeds(seed: int | list[int | None] | None, num_images: int) -> list[int]:
@@ -121,48 +132,268 @@ def check_loras(loras: dict[str, float], library: LoraLibrary | None) -> None:
         seen[name] = ref
 
 
-async def wait_for_job(request: Request, job) -> object:
-    """Wait for the worker; a client that goes away cancels its job."""
-    pending = asyncio.wrap_future(job.future)
-    while True:
-        done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_SECONDS)
-        if done:
-            return pending.result()
-        if await request.is_disconnected():
-            job.cancel()
-            raise GenerationCancelled("client disconnected")
+async def wait_for_job(request: Request, job: Job, timeout: float | None) -> GenerationResult:
+    """Wait for the worker. A client that goes away, or a deadline that passes, cancels the job."""
+    queue: jobs.JobQueue = request.app.state.jobs
+    outcome = asyncio.wrap_future(job.future)
+    # The outcome is read even when nobody waits any longer, so asyncio never warns about it.
+    outcome.add_done_callback(lambda f: f.cancelled() or f.exception())
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait({outcome, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if outcome in done:
+        return outcome.result()
+    reason = jobs.CLIENT_GONE if gone in done else jobs.TIMEOUT
+    queue.cancel(job, reason)
+    raise JobCancelled(reason, started=job.started_at is not None)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so receive() waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_response(result: GenerationResult, spec: GenerationSpec, encoding: str) -> GenerateResponse:
+    encoded = encode_images(result.images, encoding)
+    images = [
+        ImageGeneration(image_b64=b64, seed=seed) for b64, seed in zip(encoded, spec.seeds, strict=True)
+    ]
+    return GenerateResponse(images=images, prediction_time_ms=result.seconds * 1000)
+
+
+def job_fields(job: Job, encode_seconds: float | None = None) -> dict:
+    fields = {
+        "job_id": job.id,
+        "queue_wait_ms": round(job.queue_wait * 1000, 1),
+        "gpu_ms": round(job.gpu_seconds * 1000, 1),
+    }
+    if encode_seconds is not None:
+        fields["encode_ms"] = round(encode_seconds * 1000, 1)
+    return fields
+
+
+def absolute_url(request: Request, name: str, **params: str) -> str:
+    public = request.app.state.settings.public_url
+    if public:
+        return public.rstrip("/") + request.app.url_path_for(name, **params)
+    return str(request.url_for(name, **params))
+
+
+def request_owner(request: Request) -> str | None:
+    """Who may read an async result: the bearer token's hash when auth is on, else anyone."""
+    if not request.app.state.settings.api_key_list:
+        return None
+    return owner_key(request.headers.get("authorization", "").partition(" ")[2].strip())
+
+
+def error_response(request: Request, status: int, kind: str, detail: str, headers=None) -> JSONResponse:
+    request.state.log["error"] = kind
+    return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
+
+
+GENERATE_RESPONSES = {
+    202: {"model": AsyncAccepted, "description": "Accepted for async inference (`X-OctoAI-Async: 1`)"},
+    401: {"model": ErrorDetail, "description": "Missing or invalid bearer token"},
+    413: {"model": ErrorDetail, "description": "Request body over the size limit"},
+    415: {"model": ErrorDetail, "description": "Body is not application/json"},
+    429: {"model": ErrorDetail, "description": "Queue full; retry after the `Retry-After` seconds"},
+    500: {"model": ErrorDetail, "description": "The pipeline failed on this job"},
+    503: {"model": ErrorDetail, "description": "Loading, shutting down, or out of GPU memory"},
+    504: {"model": ErrorDetail, "description": "The request ran past `--request-timeout`"},
+}
 
 
 @router.post(
     "/generate/flux-dev",
     response_model=GenerateResponse,
     dependencies=[Depends(require_bearer)],
+    responses=GENERATE_RESPONSES,
     summary="Generate images with FLUX.1-dev (text-to-image, image-to-image, inpainting)",
 )
-async def generate_flux_dev(body: GenerateRequest, request: Request):
+async def generate_flux_dev(
+    body: GenerateRequest,
+    request: Request,
+    x_octoai_async: Annotated[
+        str | None, Header(description="`1`: return at once with a poll URL (async inference)")
+    ] = None,
+):
     state = request.app.state
+    settings = state.settings
+    fields: dict = request.state.log
+    is_async = (x_octoai_async or "").strip().lower() in ASYNC_TRUE
+    fields["api"] = "async" if is_async else "sync"
+    if state.draining.is_set():
+        return error_response(request, 503, "shutting_down", "server is shutting down; retry")
     if not state.ready.is_set():
         raise ServiceUnavailable("model is still loading", retry_after=5)
-    spec = await run_in_threadpool(build_spec, body, state.settings)
+    spec = await run_in_threadpool(build_spec, body, settings)
     check_loras(spec.loras, state.lora_library if getattr(state.engine, "loras", None) else None)
+    fields.update(
+        mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)
+    )
+    if body.log_prompt:
+        fields["prompt"] = spec.prompt
+    encoding = body.image_encoding or "png"
     try:
-        job = state.jobs.submit(spec)
+        job = state.jobs.submit(
+            spec,
+            api=fields["api"],
+            request_id=request.state.request_id,
+            timeout=None if is_async else settings.request_timeout or None,
+        )
     except QueueFull as full:
-        return JSONResponse(
-            status_code=429,
-            content={"detail": f"server busy: {state.jobs.depth} jobs queued"},
+        return error_response(
+            request,
+            429,
+            "queue_full",
+            f"server busy: {state.jobs.depth} jobs queued; retry in {full.retry_after}s",
             headers={"Retry-After": str(full.retry_after)},
         )
+    except ShuttingDown:
+        return error_response(request, 503, "shutting_down", "server is shutting down; retry")
+    fields["job_id"] = job.id
+    if is_async:
+        return accept_async(request, job, encoding)
     try:
-        result = await wait_for_job(request, job)
-    except GenerationCancelled:
-        return JSONResponse(status_code=499, content={"detail": "request cancelled"})
+        result = await wait_for_job(request, job, settings.request_timeout or None)
     except LoraError as exc:  # deleted since the check above, or the file is unusable
         raise lora_invalid(exc) from None
-    encoded = await run_in_threadpool(encode_images, result.images, body.image_encoding or "png")
-    return GenerateResponse(
-        images=[
-            ImageGeneration(image_b64=b64, seed=seed) for b64, seed in zip(encoded, spec.seeds, strict=True)
-        ],
-        prediction_time_ms=result.seconds * 1000,
+    except (JobCancelled, ShuttingDown) as exc:
+        status, kind, detail = job_failure(exc)
+        return error_response(request, status, kind, detail)
+    finally:
+        fields.update(job_fields(job))
+    encode_started = time.monotonic()
+    response = await run_in_threadpool(build_response, result, spec, encoding)
+    fields.update(job_fields(job, time.monotonic() - encode_started))
+    metrics.REQUEST_SECONDS.labels(spec.mode, "sync").observe(time.monotonic() - job.enqueued_at)
+    metrics.IMAGES_GENERATED.labels(spec.mode).inc(len(response.images))
+    return response
+
+
+def accept_async(request: Request, job: Job, encoding: str) -> JSONResponse:
+    state = request.app.state
+    record = state.results.create(job, request_owner(request))
+    task = asyncio.ensure_future(finish_async(state, record, job, encoding))
+    state.async_tasks.add(task)
+    task.add_done_callback(state.async_tasks.discard)
+    accepted = AsyncAccepted(
+        response_id=job.id, poll_url=absolute_url(request, "poll_response", response_id=job.id)
+    )
+    return JSONResponse(status_code=202, content=accepted.model_dump())
+
+
+async def finish_async(state, record: AsyncRecord, job: Job, encoding: str) -> None:
+    """Wait for an async job, then keep its encoded body (or its failure) for the poll URL."""
+    line: dict = {"event": "job", "request_id": job.request_id, "api": "async", "mode": job.spec.mode}
+    encode_seconds = None
+    try:
+        result = await asyncio.wrap_future(job.future)
+        encode_started = time.monotonic()
+        response = await run_in_threadpool(build_response, result, job.spec, encoding)
+        encode_seconds = time.monotonic() - encode_started
+        body = response.model_dump_json().encode()
+    except Exception as exc:
+        status, kind, detail = job_failure(exc)
+        cancelled = isinstance(exc, JobCancelled) and exc.reason == jobs.DELETED
+        state.results.fail(record, CANCELLED if cancelled else FAILED, detail, status)
+        metrics.ERRORS.labels(kind).inc()
+        line.update(status=record.status, error=kind)
+    else:
+        state.results.complete(record, body)
+        metrics.REQUEST_SECONDS.labels(job.spec.mode, "async").observe(time.monotonic() - job.enqueued_at)
+        metrics.IMAGES_GENERATED.labels(job.spec.mode).inc(len(response.images))
+        line.update(status=COMPLETED)
+    line.update(job_fields(job, encode_seconds))
+    job_log.info(json.dumps(line))
+
+
+ASYNC_RESPONSES = {
+    401: {"model": ErrorDetail, "description": "Missing or invalid bearer token"},
+    404: {"model": ErrorDetail, "description": "No such job for this token, or its result expired"},
+}
+
+
+def find_record(request: Request, response_id: str) -> AsyncRecord | None:
+    return request.app.state.results.get(response_id, request_owner(request))
+
+
+def not_found(request: Request, response_id: str) -> JSONResponse:
+    detail = f"no async job {response_id!r}: unknown, expired, or created with another token"
+    return error_response(request, 404, "not_found", detail)
+
+
+@router.get(
+    "/v1/responses/{response_id}",
+    name="poll_response",
+    response_model=AsyncStatus,
+    response_model_exclude_none=True,
+    dependencies=[Depends(require_bearer)],
+    responses=ASYNC_RESPONSES,
+    summary="Status of an async generation; `response_url` once completed",
+)
+async def poll_response(response_id: str, request: Request):
+    record = find_record(request, response_id)
+    if record is None:
+        return not_found(request, response_id)
+    status = record.current_status()
+    return AsyncStatus(
+        response_id=record.id,
+        status=status,
+        created_at=record.created_at,
+        error=record.error,
+        response_url=(
+            absolute_url(request, "response_result", response_id=record.id) if status == COMPLETED else None
+        ),
+    )
+
+
+@router.get(
+    "/v1/responses/{response_id}/result",
+    name="response_result",
+    response_model=GenerateResponse,
+    dependencies=[Depends(require_bearer)],
+    responses={**ASYNC_RESPONSES, 409: {"model": ErrorDetail, "description": "Not completed"}},
+    summary="The body a synchronous call would have returned",
+)
+async def response_result(response_id: str, request: Request):
+    record = find_record(request, response_id)
+    if record is None:
+        return not_found(request, response_id)
+    if record.status != COMPLETED:
+        status = record.current_status()
+        return error_response(
+            request, 409, "not_completed", f"job is {status}: {record.error or 'no result yet'}"
+        )
+    body = await run_in_threadpool(read_result, request, record)
+    return Response(content=body, media_type="application/json")
+
+
+def read_result(request: Request, record: AsyncRecord) -> bytes:
+    return request.app.state.results.read(record)
+
+
+@router.delete(
+    "/v1/responses/{response_id}",
+    response_model=AsyncStatus,
+    response_model_exclude_none=True,
+    dependencies=[Depends(require_bearer)],
+    responses={**ASYNC_RESPONSES, 409: {"model": ErrorDetail, "description": "Already finished"}},
+    summary="Cancel a pending or running async generation",
+)
+async def cancel_response(response_id: str, request: Request):
+    record = find_record(request, response_id)
+    if record is None:
+        return not_found(request, response_id)
+    if record.status in FINAL:
+        return error_response(request, 409, "conflict", f"job already {record.status}")
+    job = record.job
+    request.app.state.results.fail(record, CANCELLED, f"job cancelled: {jobs.DELETED}", 409)
+    if job is not None:
+        request.app.state.jobs.cancel(job, jobs.DELETED)
+    return AsyncStatus(
+        response_id=record.id, status=CANCELLED, created_at=record.created_at, error=record.error
     )

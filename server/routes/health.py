@@ -1,9 +1,11 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes, and Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from server import metrics
 
 router = APIRouter()
 
@@ -16,10 +18,31 @@ async def healthz(request: Request):
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: 200 once the pipeline is loaded and warmed")
+@router.get("/readyz", summary="Readiness: 200 once the pipeline is loaded and warmed, 503 while draining")
 async def readyz(request: Request):
     state = request.app.state
+    if state.draining.is_set():
+        return JSONResponse(status_code=503, content={"status": "shutting down", "detail": "draining"})
     if not state.ready.is_set():
         detail = state.load_error or "loading model"
         return JSONResponse(status_code=503, content={"status": "not ready", "detail": detail})
-    return {"status": "ready", "model": state.settings.model, "queue_depth": state.jobs.depth}
+    jobs = state.jobs
+    return {
+        "status": "ready",
+        "model": state.settings.model,
+        "queue_depth": jobs.depth,
+        "in_flight": jobs.in_flight,
+    }
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    summary="Prometheus metrics: queue, latency, images, step time, errors, LoRA cache",
+)
+async def prometheus_metrics(request: Request):
+    jobs = request.app.state.jobs
+    metrics.QUEUE_DEPTH.set(jobs.depth)
+    metrics.JOBS_IN_FLIGHT.set(jobs.in_flight)
+    body, content_type = metrics.render()
+    return Response(content=body, media_type=content_type)
