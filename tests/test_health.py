@@ -65,6 +65,11 @@ def test_readyz_reports_a_failed_load(server_factory):
         assert "weights are corrupt" in detail
         assert httpx.get(f"{live.url}/readyz").status_code == 503
         assert httpx.post(f"{live.url}/generate/flux-dev", json=BODY).status_code == 503
+        # Liveness stays 200 (a restart would not fix bad weights) but says why it is not ready.
+        health = httpx.get(f"{live.url}/healthz")
+        assert health.status_code == 200
+        assert health.json()["ready"] is False
+        assert "weights are corrupt" in health.json()["load_error"]
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

@@ -19,6 +19,7 @@ from pipelines.loras import NAME_PATTERN, LoraError, read_lora
 from server.asset_store import AssetConflict, AssetNotFound, AssetStore, UploadDenied
 from server.auth import require_bearer
 from server.errors import ServiceUnavailable, invalid
+from server.schemas import ErrorDetail
 
 router = APIRouter(tags=["assets"])
 bearer = [Depends(require_bearer)]
@@ -78,7 +79,27 @@ def _transfer_api(request: Request, asset_id: str, token: str) -> dict:
     return {"type": "presigned-url", "put_url": str(put_url), "get_url": str(get_url)}
 
 
-@router.post("/v1/assets", dependencies=bearer, summary="Create a LoRA asset and get its upload URL")
+ERROR_DESCRIPTIONS = {
+    401: "Missing or invalid bearer token",
+    403: "Upload or download token wrong or expired",
+    404: "No such asset",
+    409: "The asset is not in a state that allows this",
+    413: "File over --max-lora-mb",
+    503: "Model still loading; retry",
+}
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI `responses` for the error statuses a route can answer with."""
+    return {code: {"model": ErrorDetail, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+@router.post(
+    "/v1/assets",
+    dependencies=bearer,
+    responses=errors(401, 409),
+    summary="Create a LoRA asset and get its upload URL",
+)
 async def create_asset(body: CreateAssetRequest, request: Request):
     data = _check_create(body)
     try:
@@ -89,7 +110,7 @@ async def create_asset(body: CreateAssetRequest, request: Request):
     return {"asset": asset, "transfer_api": _transfer_api(request, asset["id"], token)}
 
 
-@router.get("/v1/assets", dependencies=bearer, summary="List LoRA assets")
+@router.get("/v1/assets", dependencies=bearer, responses=errors(401), summary="List LoRA assets")
 async def list_assets(
     request: Request,
     name: str | None = None,
@@ -109,7 +130,12 @@ async def list_assets(
     return {"data": page, "has_more": offset + len(page) < len(assets), "total": len(assets)}
 
 
-@router.get("/v1/assets/{asset_id}", dependencies=bearer, summary="Get an asset by id or [owner:]name")
+@router.get(
+    "/v1/assets/{asset_id}",
+    dependencies=bearer,
+    responses=errors(401, 404),
+    summary="Get an asset by id or [owner:]name",
+)
 async def get_asset(asset_id: str, request: Request):
     try:
         asset = await run_in_threadpool(_store(request).find, asset_id)
@@ -118,7 +144,12 @@ async def get_asset(asset_id: str, request: Request):
     return {"asset": asset, "transfer_api": {"type": "none"}}
 
 
-@router.delete("/v1/assets/{asset_id}", dependencies=bearer, summary="Delete an asset and its file")
+@router.delete(
+    "/v1/assets/{asset_id}",
+    dependencies=bearer,
+    responses=errors(401, 404),
+    summary="Delete an asset and its file",
+)
 async def delete_asset(asset_id: str, request: Request):
     try:
         return await run_in_threadpool(_store(request).delete, asset_id)
@@ -147,7 +178,12 @@ async def _receive(request: Request, store: AssetStore, asset_id: str, max_bytes
     return size
 
 
-@router.put("/v1/assets/{asset_id}/upload", name="upload_asset_file", summary="Upload the file (no bearer)")
+@router.put(
+    "/v1/assets/{asset_id}/upload",
+    name="upload_asset_file",
+    responses=errors(403, 404, 409, 413),
+    summary="Upload the file (no bearer)",
+)
 async def upload_asset_file(asset_id: str, request: Request, token: str = ""):
     store = _store(request)
     max_bytes = int(request.app.state.settings.max_lora_mb * 2**20)
@@ -174,7 +210,12 @@ async def upload_asset_file(asset_id: str, request: Request, token: str = ""):
     return {"size_bytes": size}
 
 
-@router.get("/v1/assets/{asset_id}/download", name="download_asset_file", summary="Download (no bearer)")
+@router.get(
+    "/v1/assets/{asset_id}/download",
+    name="download_asset_file",
+    responses=errors(403, 404, 409),
+    summary="Download (no bearer)",
+)
 async def download_asset_file(asset_id: str, request: Request, token: str = ""):
     store = _store(request)
     try:
@@ -189,7 +230,12 @@ async def download_asset_file(asset_id: str, request: Request, token: str = ""):
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
-@router.post("/v1/assets/{asset_id}/complete-upload", dependencies=bearer, summary="Check, then publish")
+@router.post(
+    "/v1/assets/{asset_id}/complete-upload",
+    dependencies=bearer,
+    responses=errors(401, 404, 409, 503),
+    summary="Check, then publish",
+)
 async def complete_upload(asset_id: str, request: Request):
     state = request.app.state
     if not state.ready.is_set():

@@ -12,10 +12,10 @@ router = APIRouter()
 
 @router.get("/healthz", summary="Liveness: 200 while the process serves HTTP")
 async def healthz(request: Request):
-    failure = request.app.state.load_error
-    if failure is not None:
-        return JSONResponse(status_code=500, content={"status": "failed", "detail": failure})
-    return {"status": "ok"}
+    # Liveness only: a failed model load is a readiness problem (/readyz says why), and
+    # restarting the process would not fix a wrong --model.
+    state = request.app.state
+    return {"status": "ok", "ready": state.ready.is_set(), "load_error": state.load_error}
 
 
 @router.get("/readyz", summary="Readiness: 200 once the pipeline is loaded and warmed, 503 while draining")
