@@ -13,7 +13,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && pip install --upgrade pip \
-    && pip install torch --index-url https://download.pytorch.org/whl/cu128
+    && pip install torch
 
 WORKDIR /app
 # README.m[d]: the package's readme if present (a glob that matches nothing is skipped).

@@ -47,6 +47,8 @@ FACTOR_SUFFIXES = (
 LOAD_SECONDS = Histogram("octoflux_lora_load_seconds", "Time to read and attach one LoRA adapter")
 SWITCH_SECONDS = Histogram("octoflux_lora_switch_seconds", "Time to change the active LoRA set")
 EVICTIONS = Counter("octoflux_lora_evictions_total", "LoRA adapters removed from the pipeline")
+CACHE_HITS = Counter("octoflux_lora_cache_hits", "LoRA activations served by a resident adapter")
+CACHE_MISSES = Counter("octoflux_lora_cache_misses", "LoRA activations that loaded weights from disk")
 
 
 class LoraError(Exception):
@@ -459,13 +461,16 @@ class LoraCache:
         if entry is not None:
             if entry.fingerprint == fingerprint:
                 self._resident.move_to_end(name)
+                CACHE_HITS.inc()
                 return entry
             if file_sha256(path) == entry.sha256:  # touched, not changed
                 entry.fingerprint = fingerprint
                 self._resident.move_to_end(name)
+                CACHE_HITS.inc()
                 return entry
             self._evict(name, why="its file changed")
             self.stats.reloads += 1
+        CACHE_MISSES.inc()
         return self._load(name, path, fingerprint)
 
     def _load(self, name: str, path: Path, fingerprint: tuple[int, int, int]) -> Adapter:

@@ -43,9 +43,8 @@ STEP_SECONDS = Histogram(
 IMAGES_GENERATED = Counter("octoflux_images_generated", "Images returned to clients", ["mode"])
 ERRORS = Counter("octoflux_errors", "Failed requests and jobs by kind", ["kind"])
 
-# The LoRA cache (pipelines/loras.py) counts into these.
-LORA_CACHE_HITS = Counter("octoflux_lora_cache_hits", "LoRA activations served from the adapter cache")
-LORA_CACHE_MISSES = Counter("octoflux_lora_cache_misses", "LoRA activations that loaded weights from disk")
+# The LoRA cache's own metrics (hits, misses, load/switch time, evictions) live beside it in
+# pipelines/loras.py, which must not import the server; they land in the same default registry.
 
 
 def render() -> tuple[bytes, str]:

@@ -193,3 +193,21 @@ def test_lora_applies_on_a_transformer_with_fused_qkv(tiny_checkpoint, states, t
     assert not any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules())
     assert np.abs(fused_base - base).max() <= 1
     assert np.abs(styled - base).mean() > 1.0
+
+
+def metric(live, name: str) -> float:
+    text = httpx.get(f"{live.url}/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_metrics_count_lora_cache_misses_then_hits(live, states):
+    save_diffusers(states["style"], live.settings.lora_dir / "metered.safetensors")
+    misses, hits = (
+        metric(live, "octoflux_lora_cache_misses_total"),
+        metric(live, "octoflux_lora_cache_hits_total"),
+    )
+    image(live, {"metered": 1.0})
+    assert metric(live, "octoflux_lora_cache_misses_total") == misses + 1
+    image(live, {"metered": 1.0})
+    assert metric(live, "octoflux_lora_cache_hits_total") == hits + 1
+    assert metric(live, "octoflux_lora_cache_misses_total") == misses + 1
