@@ -475,7 +475,10 @@ class LoraCache:
 
     def _load(self, name: str, path: Path, fingerprint: tuple[int, int, int]) -> Adapter:
         started = time.perf_counter()
-        lora = read_lora(path, name, self.shapes, self.max_bytes)
+        try:
+            lora = read_lora(path, name, self.shapes, self.max_bytes)
+        except FileNotFoundError:  # deleted between the request's check and now
+            raise LoraNotFound(name, f"unknown LoRA {name!r}: {path.name} was removed") from None
         self._counter += 1
         adapter = f"{re.sub(r'[^A-Za-z0-9_]', '_', name)[:48]}__{self._counter}"
         try:

@@ -55,7 +55,7 @@ def warm_up(engine: Engine, settings: Settings, jobs: JobQueue) -> None:
     """Text-to-image at each `--warmup-sizes` size (compiling it), then img2img and inpaint once.
 
     The first user request of a warmed size pays no compile or first-call costs; any other size
-    still works, compiling on its first request. The last run's timing seeds the throughput
+    still works, compiling on its first request. The text-to-image timing seeds the throughput
     estimate behind Retry-After.
     """
     if not settings.warmup:
@@ -64,14 +64,15 @@ def warm_up(engine: Engine, settings: Settings, jobs: JobQueue) -> None:
     base = dict(prompt="warm-up", steps=settings.warmup_steps, guidance=3.5, seeds=[1])
     for width, height in warmup_shapes(sizes):
         log.info("warming up %dx%d", width, height)
-        engine.generate(GenerationSpec(**base, width=width, height=height))
+        spec = GenerationSpec(**base, width=width, height=height)
+        result = engine.generate(spec)
+    # Text-to-image runs every step, as the throughput estimate assumes (img2img runs strength x steps).
+    jobs.observe(spec, result.seconds)
     width, height = sizes[0]
     image = Image.new("RGB", (width, height), (127, 127, 127))
     mask = Image.new("L", (width, height), 255)
     for extra in ({"init_image": image}, {"init_image": image, "mask_image": mask}):
-        spec = GenerationSpec(**base, width=width, height=height, **extra)
-        result = engine.generate(spec)
-    jobs.observe(spec, result.seconds)
+        engine.generate(GenerationSpec(**base, width=width, height=height, **extra))
 
 
 def _load_in_background(app: FastAPI, factory: EngineFactory) -> None:

@@ -7,6 +7,7 @@ Files dropped into the folder by hand are listed as ready assets too (id `file_<
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -72,6 +73,8 @@ class AssetStore:
         self.staging = library.directory / STAGING
         self.staging.mkdir(exist_ok=True)
         self._lock = threading.Lock()
+        # Assets whose staged file is being checked: no PUT and no second check meanwhile.
+        self._validating: set[str] = set()
         self._records: dict[str, AssetRecord] = self._read()
 
     # ------------------------------------------------------------ persistence
@@ -215,6 +218,8 @@ class AssetStore:
             record = self._record(asset_id)
             if record.status not in ("ready_to_upload", "uploading", "uploaded"):
                 raise AssetConflict(f"asset {asset_id} is {record.status}; it takes no more uploads")
+            if asset_id in self._validating:
+                raise AssetConflict(f"asset {asset_id} is being validated; it takes no more uploads")
             record.status, record.status_details = "uploading", "receiving the file"
             self._write()
 
@@ -231,7 +236,14 @@ class AssetStore:
             record = self._record(asset_id)
             if record.status != "uploaded":
                 raise AssetConflict(f"asset {asset_id} is {record.status}, not uploaded")
+            if asset_id in self._validating:
+                raise AssetConflict(f"asset {asset_id} is already being validated")
+            self._validating.add(asset_id)
             return record
+
+    def end_validation(self, asset_id: str) -> None:
+        with self._lock:
+            self._validating.discard(asset_id)
 
     def publish(self, asset_id: str) -> None:
         """Link the staged file into the LoRA folder under its name; never overwrites a file."""
@@ -250,7 +262,8 @@ class AssetStore:
 
     def reject(self, asset_id: str, reason: str) -> None:
         self.staging_file(asset_id).unlink(missing_ok=True)
-        self.set_status(asset_id, "rejected", reason)
+        with contextlib.suppress(AssetNotFound):  # deleted meanwhile: nothing left to mark
+            self.set_status(asset_id, "rejected", reason)
 
     def delete(self, id_or_file: str) -> dict:
         """Remove the asset and its file; returns `{"id", "deleted_at"}`."""

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from pipelines.engine import (
@@ -38,6 +38,22 @@ DELETED = "cancelled by the client"
 # Until a job has been measured, assume this many seconds per unit of work (see `work_units`).
 DEFAULT_SECONDS_PER_UNIT = 0.5
 MAX_RETRY_AFTER = 60
+
+
+def _settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
+    """Resolve a job's future once; a future its waiter already cancelled is left alone.
+
+    Raising here would kill the worker thread and leave every later job hanging.
+    """
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 class QueueFull(Exception):
@@ -158,7 +174,7 @@ class JobQueue:
             job.cancel(reason)
             if job in self._pending:
                 self._pending.remove(job)
-                job.future.set_exception(JobCancelled(reason, started=False))
+                _settle(job.future, error=JobCancelled(reason, started=False))
 
     # Throughput, for Retry-After.
 
@@ -213,7 +229,7 @@ class JobQueue:
             self._pending.clear()
             for job in dropped:
                 job.cancel(SHUTDOWN)
-                job.future.set_exception(ShuttingDown("server shut down before the job started"))
+                _settle(job.future, error=ShuttingDown("server shut down before the job started"))
         if not first:
             self._drained.wait(timeout + 30)
             return
@@ -251,9 +267,11 @@ class JobQueue:
     def _work(self) -> None:
         while (job := self._next()) is not None:
             try:
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # its waiter gave up (cancelled the future) while it was queued
                 if job.past_deadline():
                     job.cancel(TIMEOUT)
-                    job.future.set_exception(JobCancelled(TIMEOUT, started=False))
+                    _settle(job.future, error=JobCancelled(TIMEOUT, started=False))
                 else:
                     self._run(job)
             finally:
@@ -286,14 +304,14 @@ class JobQueue:
         if failure is None:
             self.observe(job.spec, job.gpu_seconds)
             metrics.GPU_SECONDS.labels(mode).observe(job.gpu_seconds)
-            job.future.set_result(result)
+            _settle(job.future, result=result)
             return
         # The failure handed to the HTTP side is a fresh exception without a traceback: a
         # traceback would keep the pipeline's frames, and their device tensors, alive.
         if isinstance(failure, OutOfMemory):
             gc.collect()
             engine._free_memory()
-        job.future.set_exception(failure)
+        _settle(job.future, error=failure)
 
     @staticmethod
     def _stop_check(job: Job):

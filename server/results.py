@@ -94,11 +94,15 @@ class ResultStore:
         record.error, record.error_status = message, http_status
         self._finish(record, status)
 
-    def read(self, record: AsyncRecord) -> bytes:
-        if record.body is not None:
-            return record.body
-        assert record.path is not None
-        return record.path.read_bytes()
+    def read(self, record: AsyncRecord) -> bytes | None:
+        """The stored body, from memory or its spill file; None if it is gone (expired meanwhile)."""
+        body, spilled = record.body, record.path  # one snapshot: a spill may change the record
+        if body is not None:
+            return body
+        try:
+            return spilled.read_bytes() if spilled is not None else None
+        except FileNotFoundError:
+            return None
 
     def sweep(self) -> None:
         """Forget finished records older than the TTL."""

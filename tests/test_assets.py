@@ -235,3 +235,23 @@ def test_assets_survive_a_restart_and_hand_placed_files_are_listed(server_factor
         by_hand = client.asset_library.get("by-hand").asset
         assert (by_hand.status, by_hand.id) == ("ready", "file_by-hand")
         assert {a.name for a in client.asset_library.list().data} == {"kept", "by-hand"}
+
+
+def test_concurrent_complete_upload_of_one_asset_publishes_once_and_never_500s(live, files):
+    created = create(live, "raced")
+    asset_id = created["asset"]["id"]
+    assert (
+        httpx.put(created["transfer_api"]["put_url"], content=files["other"].read_bytes()).status_code == 200
+    )
+    url = f"{live.url}/v1/assets/{asset_id}/complete-upload"
+    statuses: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: statuses.append(httpx.post(url, json={}, headers=AUTH).status_code))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(statuses)[0] == 200 and set(statuses) <= {200, 409}, statuses
+    assert httpx.get(f"{live.url}/v1/assets/{asset_id}", headers=AUTH).json()["asset"]["status"] == "ready"

@@ -211,3 +211,15 @@ def test_metrics_count_lora_cache_misses_then_hits(live, states):
     image(live, {"metered": 1.0})
     assert metric(live, "octoflux_lora_cache_hits_total") == hits + 1
     assert metric(live, "octoflux_lora_cache_misses_total") == misses + 1
+
+
+def test_text_encoder_only_lora_with_prompt_cache_changes_and_restores_embeddings(live):
+    """The prompt-embedding cache must key on the CLIP LoRA: base, LoRA, base, LoRA repeat exactly."""
+    clip_only = {k: v for k, v in make_lora(21, text_encoder=True).items() if k.startswith("text_encoder.")}
+    save_diffusers(clip_only, live.settings.lora_dir / "te.safetensors")
+    prompt = "the same prompt every time"
+    first_base, first_te = image(live, prompt=prompt), image(live, {"te": 1.0}, prompt=prompt)
+    second_base, second_te = image(live, prompt=prompt), image(live, {"te": 1.0}, prompt=prompt)
+    assert np.abs(first_te - first_base).mean() > 0.5
+    assert np.array_equal(first_base, second_base)
+    assert np.array_equal(first_te, second_te)

@@ -257,4 +257,10 @@ async def complete_upload(asset_id: str, request: Request):
     except (LoraError, AssetConflict) as exc:
         await run_in_threadpool(store.reject, asset_id, str(exc))
         return {"error": str(exc)}
+    except (OSError, AssetNotFound):  # deleted while it was being checked
+        raise HTTPException(
+            status_code=409, detail=f"asset {asset_id} was deleted during validation"
+        ) from None
+    finally:
+        store.end_validation(asset_id)
     return {"error": None}

@@ -228,6 +228,8 @@ async def generate_flux_dev(
     if state.draining.is_set():
         return error_response(request, 503, "shutting_down", "server is shutting down; retry")
     if not state.ready.is_set():
+        if state.load_error:  # retrying will not help: say why, without Retry-After
+            raise ServiceUnavailable(state.load_error)
         raise ServiceUnavailable("model is still loading", retry_after=5)
     spec = await run_in_threadpool(build_spec, body, settings)
     check_loras(spec.loras, state.lora_library if getattr(state.engine, "loras", None) else None)
@@ -368,12 +370,16 @@ async def response_result(response_id: str, request: Request):
         return error_response(
             request, 409, "not_completed", f"job is {status}: {record.error or 'no result yet'}"
         )
-    body = await run_in_threadpool(read_result, request, record)
+    # A body in memory is taken here, on the event loop that owns the store; only a spilled one
+    # is read in a thread, and one swept meanwhile reads as gone.
+    body = (
+        record.body
+        if record.body is not None
+        else await run_in_threadpool(request.app.state.results.read, record)
+    )
+    if body is None:
+        return not_found(request, response_id)
     return Response(content=body, media_type="application/json")
-
-
-def read_result(request: Request, record: AsyncRecord) -> bytes:
-    return request.app.state.results.read(record)
 
 
 @router.delete(
