@@ -6,6 +6,15 @@ every tensor checked against this pipeline's linear layers) for both uploads and
 `LoraCache` is touched only by the worker thread: it loads files as PEFT adapters on the
 resident pipeline, keeps the `cache_size` most recently used, and sets exactly the adapters a
 request names before it runs (none at all when it names none).
+
+Slot mode (`slots > 0`, used when the transformer is torch.compiled): the transformer carries a
+fixed number of PEFT adapters ("slots"), created before compilation with diffusers'
+`enable_lora_hotswap` at `max_rank` over every transformer linear a LoRA may target. A request's
+LoRAs are hot-swapped into slots (`load_lora_into_transformer(..., hotswap=True)`: weights copied
+in place, ranks zero-padded) and weighted by filling the slots' scaling tensors, so changing
+LoRAs or weights never changes what the compiled graphs guard on. An unused slot has scaling 0,
+which adds exactly zero: no LoRA gives the base output. CLIP is not compiled and keeps one PEFT
+adapter per LoRA as without slots (diffusers cannot hot-swap text encoders).
 """
 
 from __future__ import annotations
@@ -365,6 +374,132 @@ class Adapter:
     sha256: str
     components: tuple[str, ...]
     rank: int
+    lora: LoraFile | None = None  # slot mode: kept to hot-swap into a slot again without the disk
+
+
+def _transformer_state(lora: LoraFile) -> tuple[dict, dict | None, dict | None]:
+    """State dict, network alphas and metadata of the transformer part, prefixed as diffusers wants."""
+    state = {f"transformer.{k}": v for k, v in lora.tensors["transformer"].items()}
+    alphas = {f"transformer.{k}": v for k, v in lora.alphas["transformer"].items()}
+    metadata = (lora.metadata or {}).get("transformer") or None
+    if metadata:
+        return state, None, {f"transformer.{k}": v for k, v in metadata.items()}
+    return state, alphas or None, None
+
+
+class LoraSlots:
+    """A fixed set of hot-swappable adapters on the transformer; created before torch.compile."""
+
+    def __init__(self, pipe, shapes: ModuleShapes, count: int, max_rank: int):
+        from peft.tuners.lora import LoraLayer
+
+        if any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules()):
+            raise RuntimeError("create LoRA slots before fusing QKV projections (they target to_q/to_k/to_v)")
+        self.pipe = pipe
+        self.max_rank = max_rank
+        self.names = [f"slot{i}" for i in range(count)]
+        self.content: list[Adapter | None] = [None] * count  # which LoRA's weights sit in each slot
+        self.weights: list[float] = [0.0] * count
+        self._base: list[list[float]] = [[] for _ in range(count)]  # per-layer alpha/rank of the content
+        transformer = pipe.transformer
+        param = next(transformer.parameters())
+        # Zero factors at max_rank on every linear a LoRA may target: any valid LoRA swaps in.
+        seed = {}
+        for full, (in_features, out_features) in shapes.items():
+            component, _, module = full.partition(".")
+            if component == "transformer":
+                seed[f"transformer.{module}.lora_A.weight"] = torch.zeros(
+                    max_rank, in_features, dtype=param.dtype, device=param.device
+                )
+                seed[f"transformer.{module}.lora_B.weight"] = torch.zeros(
+                    out_features, max_rank, dtype=param.dtype, device=param.device
+                )
+        for name in self.names:
+            # diffusers runs PEFT's prepare_model_for_compiled_hotswap (scalings become tensors, ranks
+            # are padded) on the next load only: arm it again for every slot.
+            transformer.enable_lora_hotswap(target_rank=max_rank, check_compiled="ignore")
+            with warnings.catch_warnings():  # "Already found a `peft_config`": several slots is the point
+                warnings.simplefilter("ignore", UserWarning)
+                type(pipe).load_lora_into_transformer(
+                    dict(seed),
+                    network_alphas=None,
+                    transformer=transformer,
+                    adapter_name=name,
+                    _pipeline=pipe,
+                )
+        transformer.set_adapter(self.names)  # all slots always active; weights live in the scalings
+        self.layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+        for layer in self.layers:
+            for name in self.names:
+                if not torch.is_tensor(layer.scaling.get(name)):
+                    raise RuntimeError(f"slot {name} scaling was not made a tensor by enable_lora_hotswap")
+                layer.scaling[name].fill_(0.0)
+
+    def check(self, lora: LoraFile) -> None:
+        if lora.rank > self.max_rank:
+            raise LoraInvalid(
+                lora.name,
+                f"LoRA {lora.name!r} has rank {lora.rank}; this server hot-swaps LoRAs of rank up to "
+                f"{self.max_rank} (--lora-max-rank)",
+            )
+
+    def assign(self, chosen: list[tuple[Adapter, float]]) -> None:
+        """Put these LoRAs' transformer weights in slots (reusing slots that already hold them), weight
+        them, and weight every other slot 0."""
+        wanted: dict[int, float] = {}
+        pending = []
+        for entry, weight in chosen:
+            held = next((i for i, c in enumerate(self.content) if c is entry and i not in wanted), None)
+            if held is None:
+                pending.append((entry, weight))
+            else:
+                wanted[held] = weight
+        free = [i for i in range(len(self.names)) if i not in wanted]
+        for (entry, weight), i in zip(pending, free, strict=False):
+            self._swap(i, entry)
+            wanted[i] = weight
+        for i in range(len(self.names)):
+            self._weigh(i, wanted.get(i, 0.0))
+
+    def forget(self, entry: Adapter) -> None:
+        for i, content in enumerate(self.content):
+            if content is entry:
+                self.content[i] = None
+
+    def _swap(self, i: int, entry: Adapter) -> None:
+        name = self.names[i]
+        self.content[i] = None
+        self.weights[i] = float("nan")  # the swap rewrote the scalings: weigh again
+        state, alphas, metadata = _transformer_state(entry.lora)
+        if metadata:
+            metadata = {**metadata, "transformer.lora_dropout": 0.0}  # inference: dropout is a no-op
+        try:
+            type(self.pipe).load_lora_into_transformer(
+                state,
+                network_alphas=alphas,
+                transformer=self.pipe.transformer,
+                adapter_name=name,
+                metadata=metadata,
+                _pipeline=self.pipe,
+                hotswap=True,
+            )
+        except Exception as exc:
+            for layer in self.layers:  # whatever half-swapped weights remain must not apply
+                layer.scaling[name].fill_(0.0)
+            self.weights[i] = 0.0
+            raise LoraInvalid(entry.name, f"LoRA {entry.name!r} cannot be hot-swapped: {exc}") from exc
+        # The swap set each layer's scaling to the new LoRA's alpha/rank; the request weight multiplies it.
+        self._base[i] = torch.stack([layer.scaling[name] for layer in self.layers]).tolist()
+        self.content[i] = entry
+
+    def _weigh(self, i: int, weight: float) -> None:
+        if self.weights[i] == weight:
+            return
+        name = self.names[i]
+        base = self._base[i] if self.content[i] is not None else [0.0] * len(self.layers)
+        for layer, scale in zip(self.layers, base, strict=True):
+            layer.scaling[name].fill_(weight * scale)  # in place: a new value is no new graph
+        self.weights[i] = weight
 
 
 @dataclass
@@ -393,7 +528,15 @@ def _fingerprint(path: Path) -> tuple[int, int, int]:
 class LoraCache:
     """Adapters resident on the pipeline, least recently used evicted; worker thread only."""
 
-    def __init__(self, pipe, library: LoraLibrary, cache_size: int = 8, max_bytes: int = 2048 * 2**20):
+    def __init__(
+        self,
+        pipe,
+        library: LoraLibrary,
+        cache_size: int = 8,
+        max_bytes: int = 2048 * 2**20,
+        slots: int = 0,
+        max_rank: int = 64,
+    ):
         self.pipe = pipe
         self.library = library
         self.cache_size = max(1, cache_size)
@@ -405,6 +548,8 @@ class LoraCache:
         # None: unknown (after a load, eviction or failure PEFT may have changed it): set it afresh.
         self._active: tuple[tuple[str, float], ...] | None = None
         self._counter = 0
+        # Slot mode (for a compiled transformer): create before compiling, see the module docstring.
+        self.slots = LoraSlots(pipe, self.shapes, slots, max_rank) if slots > 0 else None
 
     @property
     def resident(self) -> list[str]:
@@ -426,6 +571,12 @@ class LoraCache:
         for ref, weight in loras.items():
             name = lora_name(ref)
             wanted[name] = wanted.get(name, 0.0) + weight
+        if self.slots is not None and len(wanted) > len(self.slots.names):
+            raise LoraInvalid(
+                ",".join(wanted),
+                f"{len(wanted)} LoRAs requested; this server applies at most {len(self.slots.names)} "
+                "per request (--lora-slots, with a compiled transformer)",
+            )
         for name in wanted:
             self._ensure(name)
         self._evict_beyond_capacity(keep=set(wanted))
@@ -446,7 +597,16 @@ class LoraCache:
         log.info("LoRA set %s active in %.1f ms", dict(target) or "{}", seconds * 1000)
 
     def _set_active(self, adapters: list[str], weights: list[float]) -> None:
-        _activate_component(self.pipe.transformer, adapters, weights, is_text_encoder=False)
+        if self.slots is None:
+            _activate_component(self.pipe.transformer, adapters, weights, is_text_encoder=False)
+        else:
+            by_adapter = {e.adapter: e for e in self._resident.values()}
+            chosen = [(by_adapter[a], w) for a, w in zip(adapters, weights, strict=True)]
+            try:
+                self.slots.assign([(e, w) for e, w in chosen if "transformer" in e.components])
+            except LoraError:
+                self._active = None
+                raise
         text_encoder = getattr(self.pipe, "text_encoder", None)
         if text_encoder is not None:
             _activate_component(text_encoder, adapters, weights, is_text_encoder=True)
@@ -479,10 +639,12 @@ class LoraCache:
             lora = read_lora(path, name, self.shapes, self.max_bytes)
         except FileNotFoundError:  # deleted between the request's check and now
             raise LoraNotFound(name, f"unknown LoRA {name!r}: {path.name} was removed") from None
+        if self.slots is not None:
+            self.slots.check(lora)
         self._counter += 1
         adapter = f"{re.sub(r'[^A-Za-z0-9_]', '_', name)[:48]}__{self._counter}"
         try:
-            if "transformer" in lora.components:
+            if "transformer" in lora.components and self.slots is None:
                 _attach_transformer(self.pipe, lora, adapter)
             if "text_encoder" in lora.components:
                 _attach_text_encoder(self.pipe.text_encoder, lora, adapter)
@@ -491,6 +653,8 @@ class LoraCache:
             self._active = None
             raise LoraInvalid(name, f"LoRA {name!r} could not be attached to the pipeline: {exc}") from exc
         entry = Adapter(name, adapter, fingerprint, lora.sha256, lora.components, lora.rank)
+        if self.slots is not None:
+            entry.lora = lora
         self._resident[name] = entry
         self._active = None
         seconds = time.perf_counter() - started
@@ -519,6 +683,8 @@ class LoraCache:
     def _evict(self, name: str, why: str) -> None:
         entry = self._resident.pop(name)
         _detach(self.pipe, entry.adapter)
+        if self.slots is not None:
+            self.slots.forget(entry)
         self._active = None  # PEFT re-activates a survivor when the active adapter is deleted
         self.stats.evictions += 1
         self.stats.note(f"evict {name}")

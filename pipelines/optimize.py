@@ -114,8 +114,12 @@ def apply_optimizations(pipe, settings, device: torch.device | None = None) -> A
     transformer = pipe.transformer
     applied.attention_backend = set_attention_backend(transformer, settings.attention_backend, device)
     if settings.optimize != "none":
-        # Fuse before quantizing: fusion concatenates the q/k/v weight matrices.
-        transformer.fuse_qkv_projections()
+        if getattr(transformer, "peft_config", None):
+            # LoRA slots (pipelines/loras.py) wrap to_q/to_k/to_v; a fused to_qkv would bypass them.
+            applied.notes.append("QKV left unfused: LoRA slots target to_q/to_k/to_v")
+        else:
+            # Fuse before quantizing: fusion concatenates the q/k/v weight matrices.
+            transformer.fuse_qkv_projections()
         pipe.vae.to(memory_format=torch.channels_last)
     if settings.optimize in ("fp8", "cache"):
         quantize_fp8_dynamic(transformer, device)
@@ -190,6 +194,7 @@ def _in_transformer_blocks(module: torch.nn.Module, name: str) -> bool:
         isinstance(module, torch.nn.Linear)
         and name.startswith(("transformer_blocks.", "single_transformer_blocks."))
         and ".norm" not in name
+        and ".lora_" not in name  # LoRA slot factors are hot-swapped in place: they stay in bf16
     )
 
 

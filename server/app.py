@@ -37,13 +37,16 @@ def build_engine(settings: Settings) -> Engine:
     source = model_source(settings.model, settings.tiny_dir)
     log.info("loading %s on %s as %s", source, device, dtype)
     pipe = load_flux_pipeline(source, device, dtype, offload=settings.offload, quantize=settings.quantize)
-    applied = apply_optimizations(pipe, settings, device)
+    # Before the optimizations: a compiled transformer gets its hot-swap LoRA slots before compiling.
     loras = LoraCache(
         pipe,
         LoraLibrary(settings.lora_dir),
         cache_size=settings.lora_cache_size,
         max_bytes=int(settings.max_lora_mb * 2**20),
+        slots=settings.lora_slots if settings.optimize != "none" else 0,
+        max_rank=settings.lora_max_rank,
     )
+    applied = apply_optimizations(pipe, settings, device)
     engine = Engine(
         pipe, max_batch=settings.max_batch, loras=loras, prompt_cache_size=settings.prompt_cache_size
     )

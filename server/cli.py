@@ -29,6 +29,8 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--max-batch", type=int, help="images per forward pass")
     serve.add_argument("--lora-dir", type=Path)
     serve.add_argument("--lora-cache-size", type=int)
+    serve.add_argument("--lora-slots", type=int, help="compiled modes: LoRA slots = most LoRAs per request")
+    serve.add_argument("--lora-max-rank", type=int, help="compiled modes: highest LoRA rank accepted")
     serve.add_argument("--max-lora-mb", type=float)
     serve.add_argument("--lora-upload-ttl-s", type=float, help="lifetime of an asset upload URL")
     serve.add_argument("--tiny-dir", type=Path, help="where --model tiny is written once")

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
 
     lora_dir: Path = Path("loras")
     lora_cache_size: int = 8
+    lora_slots: int = Field(
+        2,
+        ge=1,
+        description="with --optimize other than none: hot-swap LoRA slots, the most LoRAs per request",
+    )
+    lora_max_rank: int = Field(64, ge=1, description="with --optimize other than none: the highest LoRA rank")
     max_lora_mb: float = 2048.0
     lora_upload_ttl_s: float = Field(3600.0, description="how long an asset upload (PUT) URL stays valid")
 
