@@ -57,7 +57,21 @@ class GenerationResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """One finished denoising step of one batch, for progress reports and previews."""
+
+    step: int  # 1-based
+    steps: int  # steps this batch runs (img2img runs strength x steps)
+    image_batch: int  # 0-based index of the batch within the request
+    batches: int
+    latents: torch.Tensor  # packed latents after this step, still on the device
+    width: int
+    height: int
+
+
 StopCheck = Callable[[], bool]
+StepListener = Callable[[StepEvent], None]
 
 
 def _never_stop() -> bool:
@@ -67,7 +81,15 @@ def _never_stop() -> bool:
 class Engine:
     """Owns the resident pipeline; `generate` is called from one worker thread only."""
 
-    def __init__(self, pipe, max_batch: int = 4, loras: LoraCache | None = None, prompt_cache_size: int = 32):
+    def __init__(
+        self,
+        pipe,
+        *,
+        max_batch: int = 4,
+        loras: LoraCache | None = None,
+        prompt_cache_size: int = 32,
+        optimizations=None,
+    ):
         from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 
         self.pipe = pipe
@@ -82,12 +104,12 @@ class Engine:
         self.loras = loras
         # T5 + CLIP outputs of recent prompts; None disables it (the pipeline encodes every time).
         self.prompt_cache = PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size > 0 else None
-        # Set by server.app.build_engine: what pipelines.optimize applied (step cache, compile...).
-        self.optimizations = None
-        # Test-only fault injection: a callable run before each pipeline call.
-        self.fault_hook: Callable[[GenerationSpec], None] | None = None
+        # What pipelines.optimize applied (step cache, compile...); None when nothing was.
+        self.optimizations = optimizations
 
-    def generate(self, spec: GenerationSpec, should_stop: StopCheck = _never_stop) -> GenerationResult:
+    def generate(
+        self, spec: GenerationSpec, should_stop: StopCheck = _never_stop, on_step: StepListener | None = None
+    ) -> GenerationResult:
         """Run one request, in batches of at most `max_batch` images."""
         started = time.perf_counter()
         if self.loras is not None:
@@ -95,21 +117,24 @@ class Engine:
             self.loras.activate(spec.loras)
         images: list[Image.Image] = []
         try:
-            for first in range(0, len(spec.seeds), self.max_batch):
+            batches = range(0, len(spec.seeds), self.max_batch)
+            for index, first in enumerate(batches):
                 batch_seeds = spec.seeds[first : first + self.max_batch]
-                images.extend(self._run_batch(spec, batch_seeds, should_stop))
+                progress = _step_reporter(on_step, spec, index, len(batches))
+                images.extend(self._run_batch(spec, batch_seeds, should_stop, progress))
         except torch.OutOfMemoryError as exc:
-            self._free_memory()
+            self.free_memory()
             raise OutOfMemory(str(exc).splitlines()[0]) from exc
         if spec.mode == "inpaint":
             images = [composite_unmasked(img, spec.init_image, spec.mask_image) for img in images]
         return GenerationResult(images=images, seconds=time.perf_counter() - started)
 
-    def _run_batch(self, spec: GenerationSpec, seeds: list[int], should_stop: StopCheck) -> list[Image.Image]:
-        if self.fault_hook is not None:
-            self.fault_hook(spec)
-
+    def _run_batch(
+        self, spec: GenerationSpec, seeds: list[int], should_stop: StopCheck, progress
+    ) -> list[Image.Image]:
         def stop_between_steps(pipe, step, timestep, tensors):
+            if progress is not None:
+                progress(step + 1, pipe.num_timesteps, tensors["latents"])
             if should_stop():
                 raise GenerationCancelled()
             return tensors
@@ -149,9 +174,20 @@ class Engine:
         embeds, pooled = self.prompt_cache.embeddings(pipe, spec.prompt, lora_key)
         return repeat_for_batch(embeds, pooled, images)
 
-    def _free_memory(self) -> None:
+    def free_memory(self) -> None:
+        """Return cached device memory to the driver (after an out-of-memory job)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _step_reporter(on_step: StepListener | None, spec: GenerationSpec, index: int, batches: int):
+    if on_step is None:
+        return None
+
+    def report(step: int, steps: int, latents: torch.Tensor) -> None:
+        on_step(StepEvent(step, steps, index, batches, latents, spec.width, spec.height))
+
+    return report
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

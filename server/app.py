@@ -47,11 +47,13 @@ def build_engine(settings: Settings) -> Engine:
         max_rank=settings.lora_max_rank,
     )
     applied = apply_optimizations(pipe, settings, device)
-    engine = Engine(
-        pipe, max_batch=settings.max_batch, loras=loras, prompt_cache_size=settings.prompt_cache_size
+    return Engine(
+        pipe,
+        max_batch=settings.max_batch,
+        loras=loras,
+        prompt_cache_size=settings.prompt_cache_size,
+        optimizations=applied,
     )
-    engine.optimizations = applied
-    return engine
 
 
 def warm_up(engine: Engine, settings: Settings, jobs: JobQueue) -> None:

@@ -310,7 +310,7 @@ class JobQueue:
         # traceback would keep the pipeline's frames, and their device tensors, alive.
         if isinstance(failure, OutOfMemory):
             gc.collect()
-            engine._free_memory()
+            engine.free_memory()
         _settle(job.future, error=failure)
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 `control.hold(prompt)` parks that prompt's job at its first denoising-step callback (so it is
 genuinely mid-generation) until the returned event is set; `control.steps[prompt]` counts the
-step callbacks it reached; `control.fault` is installed as the engine's `fault_hook`.
+step callbacks it reached; `control.fault(spec)` runs before every pipeline call (each batch),
+injected by wrapping the engine's pipelines, so a raise there is a failure inside the pipeline.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class EngineControl:
     def factory(self, settings):
         engine = build_engine(settings)
         original_generate = engine.generate
-        original_free = engine._free_memory
+        original_free = engine.free_memory
 
-        def generate(spec: GenerationSpec, should_stop=lambda: False):
+        def generate(spec: GenerationSpec, should_stop=lambda: False, on_step=None):
             self.ran.append(spec.prompt)
 
             def step_callback() -> bool:
@@ -55,20 +56,48 @@ class EngineControl:
                     raise RuntimeError(f"test gate for {spec.prompt!r} never opened")
                 return should_stop()
 
-            return original_generate(spec, should_stop=step_callback)
+            return original_generate(spec, should_stop=step_callback, on_step=on_step)
 
         def free_memory() -> None:
             self.memory_freed += 1
             original_free()
 
-        def fault_hook(spec: GenerationSpec) -> None:
+        def fault(spec: GenerationSpec) -> None:
             if self.fault is not None:
                 self.fault(spec)
 
         engine.generate = generate
-        engine._free_memory = free_memory
-        engine.fault_hook = fault_hook
+        engine.free_memory = free_memory
+        wrap_pipelines(engine, fault)
         return engine
+
+
+class FaultyPipeline:
+    """A pipeline that runs `before(spec)` ahead of each call, then the real pipeline."""
+
+    def __init__(self, pipe, before: Callable[[GenerationSpec], None], current: list):
+        self._pipe, self._before, self._current = pipe, before, current
+
+    def __call__(self, **kwargs):
+        self._before(self._current[0])
+        return self._pipe(**kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipe, name)
+
+
+def wrap_pipelines(engine, before: Callable[[GenerationSpec], None]) -> None:
+    """Run `before(spec)` ahead of every pipeline call (every batch) of `engine`."""
+    current: list = [None]
+    generate = engine.generate
+
+    def remember(spec, *args, **kwargs):
+        current[0] = spec
+        return generate(spec, *args, **kwargs)
+
+    engine.generate = remember
+    for attr in ("pipe", "img2img", "inpaint"):
+        setattr(engine, attr, FaultyPipeline(getattr(engine, attr), before, current))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:

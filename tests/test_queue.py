@@ -10,6 +10,8 @@ import httpx
 import pytest
 from octoai.core.api_error import ApiError
 
+from engine_control import wrap_pipelines
+
 from server.app import build_engine
 
 HOLD = "hold the worker"
@@ -20,7 +22,7 @@ def body(prompt: str) -> dict:
 
 
 class Gate:
-    """The engine's fault hook: records every pipeline batch; a HOLD prompt waits for `release`."""
+    """Runs before each pipeline call: records every pipeline batch; a HOLD prompt waits for `release`."""
 
     def __init__(self):
         self.prompts: list[str] = []
@@ -55,7 +57,7 @@ def gate() -> Gate:
 def gated(server_factory, gate):
     def gated_engine(settings):
         engine = build_engine(settings)
-        engine.fault_hook = gate
+        wrap_pipelines(engine, gate)
         return engine
 
     with server_factory(max_queue=1, engine_factory=gated_engine) as live:
