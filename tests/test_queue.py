@@ -8,9 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from octoai.core.api_error import ApiError
-
 from engine_control import wrap_pipelines
+from octoai.core.api_error import ApiError
 
 from server.app import build_engine
 
