@@ -1,0 +1,40 @@
+"""Plain records that outlive a request: what the state store keeps, whichever backend holds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PENDING, RUNNING, COMPLETED, FAILED, CANCELLED = "pending", "running", "completed", "failed", "cancelled"
+FINAL = (COMPLETED, FAILED, CANCELLED)
+
+
+@dataclass
+class JobRecord:
+    """An async job as clients see it through the poll URL; the body is stored beside it."""
+
+    id: str
+    owner: str | None  # sha256 of the bearer token that created it; None when auth is off
+    request_id: str
+    created_at: float  # unix seconds
+    replica: str  # the process that holds (queued or runs) the job
+    status: str = PENDING
+    encoding: str = "png"
+    error: str | None = None
+    error_status: int | None = None  # the HTTP status a sync call would have answered
+    finished_at: float | None = None  # unix seconds
+    webhook_url: str | None = None
+
+
+@dataclass
+class Delivery:
+    """One webhook message; every attempt sends the same id and body (Standard Webhooks)."""
+
+    id: str  # webhook-id, "msg_..."
+    job_id: str
+    url: str
+    payload: bytes  # the exact JSON body that is signed and sent
+    created_at: float  # unix seconds
+    attempts: int = 0
+    next_attempt_at: float = 0.0  # unix seconds
+    status: str = "pending"  # pending | delivered | failed
+    last_error: str | None = None
