@@ -32,7 +32,7 @@ def serve(engine: Engine, settings: Settings) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     settings = settings.model_copy(update=dict(port=port, warmup=False, api_keys=""))
-    app = create_app(settings, engine_factory=lambda _: engine)
+    app = create_app(settings, engine_factory=lambda *_: engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipelines.loras import LoraError, LoraLibrary, lora_name
+from server.errors import Conflict, Forbidden, NotFound
 
 SIDECAR = ".assets.json"
 STAGING = ".uploads"
@@ -29,15 +30,16 @@ FILE_ID_PREFIX = "file_"
 LIVE_STATUSES = {"ready_to_upload", "uploading", "uploaded", "ready"}
 
 
-class AssetNotFound(Exception):
-    pass
+class AssetNotFound(NotFound):
+    def __init__(self, asset_id: str):
+        super().__init__(f"no asset {asset_id!r}")
 
 
-class AssetConflict(Exception):
+class AssetConflict(Conflict):
     """The request does not fit the asset's state, or the name is taken."""
 
 
-class UploadDenied(Exception):
+class UploadDenied(Forbidden):
     """The PUT URL's token is wrong or expired."""
 
 
@@ -153,6 +155,10 @@ class AssetStore:
             if asset["name"] == name:
                 return asset
         raise AssetNotFound(id_or_ref)
+
+    def record(self, asset_id: str) -> AssetRecord:
+        with self._lock:
+            return self._record(asset_id)
 
     def _record(self, asset_id: str) -> AssetRecord:
         record = self._records.get(asset_id)

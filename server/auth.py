@@ -17,7 +17,7 @@ def token_is_valid(presented: str, accepted: list[str]) -> bool:
 
 def require_bearer(request: Request) -> None:
     """FastAPI dependency: 401 unless the request carries an accepted bearer token."""
-    accepted: list[str] = request.app.state.settings.api_key_list
+    accepted: list[str] = request.app.state.service.settings.api_key_list
     if not accepted:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")

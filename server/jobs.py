@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
@@ -23,17 +24,15 @@ from pipelines.engine import (
     GenerationResult,
     GenerationSpec,
     OutOfMemory,
+    StepEvent,
 )
 from pipelines.loras import LoraError
 from server import metrics
+from server.errors import CLIENT_GONE, DELETED, SHUTDOWN, TIMEOUT, JobCancelled, QueueFull, ShuttingDown
+
+__all__ = ["CLIENT_GONE", "DELETED", "SHUTDOWN", "TIMEOUT", "Job", "JobCancelled", "JobQueue", "QueueFull"]
 
 log = logging.getLogger(__name__)
-
-# Why a job was cancelled; the HTTP layer turns each into its own status.
-CLIENT_GONE = "client disconnected"
-TIMEOUT = "request timeout"
-SHUTDOWN = "server shutting down"
-DELETED = "cancelled by the client"
 
 # Until a job has been measured, assume this many seconds per unit of work (see `work_units`).
 DEFAULT_SECONDS_PER_UNIT = 0.5
@@ -56,25 +55,18 @@ def _settle(future: Future, result: object = None, error: BaseException | None =
         pass
 
 
-class QueueFull(Exception):
-    """No room in the queue; retry after `retry_after` seconds."""
+def _fan_out(job: Job):
+    if not job.step_listeners:
+        return None
 
-    def __init__(self, retry_after: int):
-        super().__init__(f"queue full, retry in {retry_after}s")
-        self.retry_after = retry_after
+    def on_step(event: StepEvent) -> None:
+        for listener in list(job.step_listeners):
+            try:
+                listener(event)
+            except Exception:  # a broken progress watcher must not fail the generation
+                log.exception("step listener of job %s failed", job.id)
 
-
-class ShuttingDown(Exception):
-    """The server is draining: the job was not accepted, or was dropped before it ran."""
-
-
-class JobCancelled(Exception):
-    """The job was cancelled before it finished; `reason` says by whom."""
-
-    def __init__(self, reason: str, started: bool):
-        super().__init__(reason)
-        self.reason = reason
-        self.started = started
+    return on_step
 
 
 def work_units(spec: GenerationSpec) -> float:
@@ -93,6 +85,8 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Called with each StepEvent while the job runs (progress, previews); never allowed to fail it.
+    step_listeners: list[Callable[[StepEvent], None]] = field(default_factory=list)
     started_at: float | None = None
     finished_at: float | None = None
 
@@ -161,9 +155,9 @@ class JobQueue:
         job = Job(spec=spec, api=api, request_id=request_id, deadline=deadline)
         with self._cond:
             if not self._accepting:
-                raise ShuttingDown("server is shutting down")
+                raise ShuttingDown()
             if len(self._pending) >= self.max_queue:
-                raise QueueFull(self.retry_after_seconds())
+                raise QueueFull(self.retry_after_seconds(), depth=len(self._pending))
             self._pending.append(job)
             self._cond.notify_all()
         return job
@@ -229,7 +223,7 @@ class JobQueue:
             self._pending.clear()
             for job in dropped:
                 job.cancel(SHUTDOWN)
-                _settle(job.future, error=ShuttingDown("server shut down before the job started"))
+                _settle(job.future, error=JobCancelled(SHUTDOWN, started=False))
         if not first:
             self._drained.wait(timeout + 30)
             return
@@ -287,7 +281,7 @@ class JobQueue:
         metrics.QUEUE_WAIT_SECONDS.labels(mode, job.api).observe(job.queue_wait)
         failure: BaseException | None = None
         try:
-            result = engine.generate(job.spec, should_stop=self._stop_check(job))
+            result = engine.generate(job.spec, should_stop=self._stop_check(job), on_step=_fan_out(job))
         except GenerationCancelled:
             failure = JobCancelled(job.cancel_reason or DELETED, started=True)
         except OutOfMemory as exc:

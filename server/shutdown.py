@@ -14,10 +14,7 @@ log = logging.getLogger(__name__)
 
 def drain(app: FastAPI) -> None:
     """Readiness off first, then refuse new work, fail the queue, and wait for the running job."""
-    state = app.state
-    state.draining.set()
-    state.ready.clear()
-    state.jobs.drain(state.settings.shutdown_timeout)
+    app.state.service.drain()
 
 
 class GracefulServer(uvicorn.Server):

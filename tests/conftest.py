@@ -45,6 +45,10 @@ class LiveServer:
     app: object
     settings: Settings
 
+    @property
+    def service(self):
+        return self.app.state.service
+
     def client(self, api_key: str = "test-key"):
         from octoai.client import OctoAI
         from octoai.environment import OctoAIEnvironment

@@ -40,8 +40,8 @@ class EngineControl:
         for gate in self.gates.values():
             gate.set()
 
-    def factory(self, settings):
-        engine = build_engine(settings)
+    def factory(self, settings, library=None):
+        engine = build_engine(settings, library)
         original_generate = engine.generate
         original_free = engine.free_memory
 

@@ -61,7 +61,7 @@ def test_queue_full_returns_429_with_retry_after(server, control):
     running = post_in_thread(server.url, body("running"), results, "running")
     control.reached["running"].wait(WAIT)
     queued = post_in_thread(server.url, body("queued"), results, "queued")
-    wait_until(lambda: server.app.state.jobs.depth == 1, what="a queued job")
+    wait_until(lambda: server.service.jobs.depth == 1, what="a queued job")
 
     rejected = httpx.post(f"{server.url}{URL_PATH}", json=body("rejected"), timeout=WAIT)
     assert rejected.status_code == 429
@@ -98,7 +98,7 @@ def test_sync_timeout_interrupts_the_running_job_at_the_next_step(impatient_serv
     assert "timed out" in response.json()["detail"] and "interrupted" in response.json()["detail"]
     assert time.monotonic() - started < 5
     gate.set()
-    wait_until(lambda: impatient_server.app.state.jobs.in_flight == 0, what="the worker to stop the job")
+    wait_until(lambda: impatient_server.service.jobs.in_flight == 0, what="the worker to stop the job")
     assert control.steps["slow"] == 1
     assert httpx.post(f"{impatient_server.url}{URL_PATH}", json=body("next"), timeout=WAIT).status_code == 200
 
@@ -110,7 +110,7 @@ def test_sync_timeout_drops_a_queued_job(impatient_server, control):
     control.reached["blocking"].wait(WAIT)
     response = httpx.post(f"{impatient_server.url}{URL_PATH}", json=body("queued"), timeout=WAIT)
     assert response.status_code == 504 and "dropped from the queue" in response.json()["detail"]
-    assert impatient_server.app.state.jobs.depth == 0
+    assert impatient_server.service.jobs.depth == 0
     gate.set()
     blocking.join(WAIT)
     assert "queued" not in control.ran
@@ -120,7 +120,7 @@ def test_client_disconnect_cancels_the_running_job_and_the_worker_moves_on(serve
     gate = control.hold("abandoned")
     sock = open_raw_request(server.url, URL_PATH, json.dumps(body("abandoned", steps=50)).encode())
     control.reached["abandoned"].wait(WAIT)
-    running = server.app.state.jobs.running
+    running = server.service.jobs.running
     sock.close()
     wait_until(lambda: running.cancel_reason == jobs.CLIENT_GONE, timeout=5, what="disconnect noticed")
     results: dict = {}
@@ -139,9 +139,9 @@ def test_client_disconnect_drops_its_queued_job(server, control):
     running = post_in_thread(server.url, body("running"), results, "running")
     control.reached["running"].wait(WAIT)
     sock = open_raw_request(server.url, URL_PATH, json.dumps(body("impatient")).encode())
-    wait_until(lambda: server.app.state.jobs.depth == 1, what="the job to queue")
+    wait_until(lambda: server.service.jobs.depth == 1, what="the job to queue")
     sock.close()
-    wait_until(lambda: server.app.state.jobs.depth == 0, timeout=5, what="the queued job to be dropped")
+    wait_until(lambda: server.service.jobs.depth == 0, timeout=5, what="the queued job to be dropped")
     gate.set()
     running.join(WAIT)
     assert results["running"].status_code == 200

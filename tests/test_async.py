@@ -91,7 +91,7 @@ def test_delete_cancels_pending_and_running_jobs_and_the_worker_moves_on(server,
         cancelled = client.delete(pending["poll_url"])
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
         assert client.delete(running["poll_url"]).json()["status"] == "cancelled"
-        assert server.app.state.jobs.depth == 0
+        assert server.service.jobs.depth == 0
         gate.set()
         after = client.post(f"{server.url}/generate/flux-dev", json=body("after"))
         assert after.status_code == 200

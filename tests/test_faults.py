@@ -76,23 +76,23 @@ def test_oom_in_a_later_batch_still_fails_cleanly(server, control):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
     control.fault = second_batch_oom
-    server.app.state.engine.max_batch = 1
+    server.service.engine.max_batch = 1
     try:
         response = httpx.post(f"{server.url}{URL_PATH}", json=body("two", num_images=2), timeout=WAIT)
     finally:
-        server.app.state.engine.max_batch = 4
+        server.service.engine.max_batch = 4
     assert response.status_code == 503
     control.fault = None
     assert_still_serving(server)
 
 
 def test_unexpected_error_in_the_http_layer_is_a_json_500_with_a_request_id(server, monkeypatch):
-    from server.routes import generate
+    from server import service
 
     def broken(*args, **kwargs):
         raise KeyError("bug")
 
-    monkeypatch.setattr(generate, "build_spec", broken)
+    monkeypatch.setattr(service, "build_spec", broken)
     response = httpx.post(f"{server.url}{URL_PATH}", json=body("x"), timeout=WAIT)
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error"}

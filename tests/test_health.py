@@ -28,9 +28,9 @@ def test_readyz_is_200_once_loaded(live_server):
 def test_readyz_is_503_until_the_pipeline_is_loaded_then_200(server_factory):
     may_load = threading.Event()
 
-    def slow_engine(settings):
+    def slow_engine(settings, library):
         assert may_load.wait(60)
-        return build_engine(settings)
+        return build_engine(settings, library)
 
     with server_factory(wait_ready=False, engine_factory=slow_engine) as live:
         try:
@@ -54,7 +54,7 @@ def test_readyz_is_503_until_the_pipeline_is_loaded_then_200(server_factory):
 
 
 def test_readyz_reports_a_failed_load(server_factory):
-    def broken_engine(settings):
+    def broken_engine(settings, library):
         raise RuntimeError("weights are corrupt")
 
     with server_factory(wait_ready=False, engine_factory=broken_engine) as live:

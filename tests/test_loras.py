@@ -119,9 +119,9 @@ def test_base_image_is_identical_before_and_after_loras_were_used_and_evicted(se
         before = image(live)  # this server has never loaded a LoRA
         for loras in ({"style": 1.0}, {"detail": 1.0, "third": 0.5}, {"clip": 1.0}, {"style": -1.0}):
             assert moved(image(live, loras), before) > 0.3
-        stats = live.app.state.engine.loras.stats
+        stats = live.service.engine.loras.stats
         assert stats.loads >= 5 and stats.evictions >= 3 and stats.switches >= 4
-        assert len(live.app.state.engine.loras.resident) <= 2
+        assert len(live.service.engine.loras.resident) <= 2
         assert np.array_equal(image(live), before)
         assert np.array_equal(image(live, {"detail": 0.0}), before)
 

@@ -251,8 +251,8 @@ def test_cli_flags_reach_settings(monkeypatch):
 def test_warmup_sizes_are_warmed_before_ready(server_factory):
     warmed = []
 
-    def recording_engine(settings):
-        engine = build_engine(settings)
+    def recording_engine(settings, library):
+        engine = build_engine(settings, library)
         generate = engine.generate
 
         def record(job_spec, *args, **kwargs):
@@ -281,8 +281,8 @@ def test_encoding_of_one_job_overlaps_the_next_job(server_factory, monkeypatch):
         overlapped.append(second_job_started.wait(timeout=20))
         return encode(image, encoding)
 
-    def counting_engine(settings):
-        engine = build_engine(settings)
+    def counting_engine(settings, library):
+        engine = build_engine(settings, library)
         generate = engine.generate
 
         def counted(job_spec, *args, **kwargs):

@@ -54,8 +54,8 @@ def gate() -> Gate:
 
 @pytest.fixture(scope="module")
 def gated(server_factory, gate):
-    def gated_engine(settings):
-        engine = build_engine(settings)
+    def gated_engine(settings, library):
+        engine = build_engine(settings, library)
         wrap_pipelines(engine, gate)
         return engine
 
@@ -76,7 +76,7 @@ def post(live, prompt: str, timeout: float = 60) -> httpx.Response:
 
 def test_queue_full_returns_429_with_retry_after(gated, gate, pool):
     gate.reset()
-    jobs = gated.app.state.jobs
+    jobs = gated.service.jobs
     running = pool.submit(post, gated, HOLD)
     assert gate.holding.wait(30)
     queued = pool.submit(post, gated, "queued")
@@ -99,7 +99,7 @@ def test_queue_full_returns_429_with_retry_after(gated, gate, pool):
 
 def test_client_that_disconnects_while_queued_gets_its_job_dropped(gated, gate, pool):
     gate.reset()
-    jobs = gated.app.state.jobs
+    jobs = gated.service.jobs
     running = pool.submit(post, gated, HOLD)
     assert gate.holding.wait(30)
     try:

@@ -1,0 +1,119 @@
+"""OctoAI's dialect: `POST /generate/flux-dev` (sync and async) and the async poll/result/cancel URLs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.auth import require_bearer
+from server.routes.deps import Service, absolute_url, client_gone, request_owner
+from server.schemas import AsyncAccepted, AsyncStatus, ErrorDetail, GenerateRequest, GenerateResponse
+from server.service import AsyncView
+
+router = APIRouter(dependencies=[Depends(require_bearer)])
+ASYNC_TRUE = {"1", "true", "yes"}
+AsyncHeader = Annotated[
+    str | None, Header(description="`1`: return at once with a poll URL (async inference)")
+]
+
+
+def _errors(*codes: int, **described: str) -> dict:
+    text = {
+        401: "Missing or invalid bearer token",
+        404: "No such job for this token, or its result expired",
+        409: "Not in a state that allows this",
+        413: "Request body over the size limit",
+        415: "Body is not application/json",
+        429: "Queue full; retry after the `Retry-After` seconds",
+        500: "The pipeline failed on this job",
+        503: "Loading, shutting down, or out of GPU memory",
+        504: "The request ran past `--request-timeout`",
+    }
+    return {
+        code: {"model": ErrorDetail, "description": described.get(f"s{code}", text[code])} for code in codes
+    }
+
+
+@router.post(
+    "/generate/flux-dev",
+    response_model=GenerateResponse,
+    responses={
+        202: {"model": AsyncAccepted, "description": "Accepted for async inference (`X-OctoAI-Async: 1`)"},
+        **_errors(401, 413, 415, 429, 500, 503, 504),
+    },
+    summary="Generate images with FLUX.1-dev (text-to-image, image-to-image, inpainting)",
+)
+async def generate_flux_dev(
+    body: GenerateRequest, request: Request, service: Service, x_octoai_async: AsyncHeader = None
+):
+    fields: dict = request.state.log
+    is_async = (x_octoai_async or "").strip().lower() in ASYNC_TRUE
+    fields["api"] = "async" if is_async else "sync"
+    spec = await service.prepare(body)
+    fields.update(
+        mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)
+    )
+    if body.log_prompt:
+        fields["prompt"] = spec.prompt
+    encoding = body.image_encoding or "png"
+    request_id = request.state.request_id
+    if is_async:
+        record = service.start_async(
+            spec, encoding=encoding, owner=request_owner(request), request_id=request_id, log_fields=fields
+        )
+        poll_url = absolute_url(request, "poll_response", response_id=record.id)
+        return JSONResponse(
+            status_code=202, content=AsyncAccepted(response_id=record.id, poll_url=poll_url).model_dump()
+        )
+    return await service.generate(
+        spec, encoding=encoding, request_id=request_id, client_gone=client_gone(request), log_fields=fields
+    )
+
+
+def _status(request: Request, view: AsyncView) -> AsyncStatus:
+    completed = view.status == "completed"
+    url = absolute_url(request, "response_result", response_id=view.response_id) if completed else None
+    return AsyncStatus(
+        response_id=view.response_id,
+        status=view.status,
+        created_at=view.created_at,
+        error=view.error,
+        response_url=url,
+    )
+
+
+@router.get(
+    "/v1/responses/{response_id}",
+    name="poll_response",
+    response_model=AsyncStatus,
+    response_model_exclude_none=True,
+    responses=_errors(401, 404),
+    summary="Status of an async generation; `response_url` once completed",
+)
+async def poll_response(response_id: str, request: Request, service: Service):
+    return _status(request, service.poll(response_id, request_owner(request)))
+
+
+@router.get(
+    "/v1/responses/{response_id}/result",
+    name="response_result",
+    response_model=GenerateResponse,
+    responses=_errors(401, 404, 409, s409="Not completed"),
+    summary="The body a synchronous call would have returned",
+)
+async def response_result(response_id: str, request: Request, service: Service):
+    body = await service.result(response_id, request_owner(request))
+    return Response(content=body, media_type="application/json")
+
+
+@router.delete(
+    "/v1/responses/{response_id}",
+    response_model=AsyncStatus,
+    response_model_exclude_none=True,
+    responses=_errors(401, 404, 409, s409="Already finished"),
+    summary="Cancel a pending or running async generation",
+)
+async def cancel_response(response_id: str, request: Request, service: Service):
+    return _status(request, service.cancel(response_id, request_owner(request)))

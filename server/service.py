@@ -1,0 +1,400 @@
+"""`GenerationService`: the server minus HTTP. Routes of every API dialect call it and render its answers.
+
+It owns the engine (loaded in the background), the job queue and its worker, async results, the
+LoRA library and asset records, readiness and drain. It raises the domain errors of
+`server/errors.py`; it never builds an HTTP response and never touches torch itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from pipelines.engine import Engine, GenerationResult, GenerationSpec
+from pipelines.loras import LoraError, LoraLibrary, read_lora
+from server import metrics
+from server.asset_store import AssetStore
+from server.codec import encode_images
+from server.engine_factory import EngineFactory, build_engine
+from server.errors import (
+    CLIENT_GONE,
+    DELETED,
+    TIMEOUT,
+    Conflict,
+    JobCancelled,
+    NotFound,
+    NotReady,
+    ShuttingDown,
+    TooLarge,
+    problem,
+)
+from server.jobs import Job, JobQueue
+from server.prepare import ImageLimits, build_spec, check_loras
+from server.results import CANCELLED, COMPLETED, FAILED, FINAL, AsyncRecord, ResultStore
+from server.schemas import GenerateRequest, GenerateResponse, ImageGeneration
+from server.settings import Settings
+from server.warmup import warm_up
+
+log = logging.getLogger(__name__)
+job_log = logging.getLogger("octoflux.access")
+
+LOADING_RETRY_AFTER = 5
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    status: str  # "ready", "loading", "load failed", "shutting down"
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class AsyncView:
+    """An async job as its owner sees it."""
+
+    response_id: str
+    status: str
+    created_at: float
+    error: str | None = None
+
+
+@dataclass
+class Encoded:
+    response: GenerateResponse
+    seconds: float
+
+
+class GenerationService:
+    def __init__(self, settings: Settings, engine_factory: EngineFactory = build_engine):
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self._ready = threading.Event()
+        self._draining = threading.Event()
+        self.jobs = JobQueue(settings.max_queue)
+        self.library = LoraLibrary(settings.lora_dir)
+        self.assets = AssetStore(self.library, settings.lora_upload_ttl_s)
+        self.results = ResultStore(
+            ttl=settings.result_ttl,
+            max_bytes=int(settings.max_result_mb * 2**20),
+            spill_dir=settings.results_dir,
+        )
+        self.limits = ImageLimits(int(settings.max_image_mb * 2**20), settings.max_image_pixels)
+        self._async_tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def load(self) -> None:
+        """Build the engine, warm it up and start the worker; raises when the model cannot load."""
+        engine = self._engine_factory(self.settings, self.library)
+        warm_up(engine, self.settings, self.jobs)
+        self.engine = engine
+        self.jobs.start(engine)
+        if not self._draining.is_set():  # a SIGTERM during loading wins
+            self._ready.set()
+
+    def load_in_background(self, on_failure: Callable[[str], None] | None = None) -> threading.Thread:
+        """Load on a thread; a failure is kept in `load_error` and handed to `on_failure`."""
+
+        def run() -> None:
+            try:
+                self.load()
+            except Exception as exc:
+                self.load_error = f"model load failed: {exc}"
+                log.error("%s", self.load_error, exc_info=on_failure is None)
+                if on_failure is not None:
+                    on_failure(self.load_error)
+
+        thread = threading.Thread(target=run, name="octoflux-load", daemon=True)
+        thread.start()
+        return thread
+
+    def readiness(self) -> Readiness:
+        if self._draining.is_set():
+            return Readiness(False, "shutting down", "draining")
+        if self._ready.is_set():
+            return Readiness(True, "ready")
+        if self.load_error:
+            return Readiness(False, "load failed", self.load_error)
+        return Readiness(False, "loading", "loading model")
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def drain(self) -> None:
+        """Readiness off first, then refuse new work, fail the queue, and wait for the running job."""
+        self._draining.set()
+        self._ready.clear()
+        self.jobs.drain(self.settings.shutdown_timeout)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.drain)
+        if self._async_tasks:
+            await asyncio.wait(self._async_tasks, timeout=5)
+        self.results.close()
+
+    async def sweep_forever(self, every: float = 60.0) -> None:
+        """Expire async results even when nobody polls (the store also sweeps on every access)."""
+        while True:
+            await asyncio.sleep(every)
+            self.results.sweep()
+
+    def check_accepting(self) -> None:
+        """`ShuttingDown` or `NotReady` unless new work can be taken."""
+        if self._draining.is_set():
+            raise ShuttingDown()
+        if not self._ready.is_set():
+            if self.load_error:  # retrying will not help: say why, without Retry-After
+                raise NotReady(self.load_error)
+            raise NotReady("model is still loading", retry_after=LOADING_RETRY_AFTER)
+
+    # ------------------------------------------------------------------ generation
+
+    async def prepare(self, request: GenerateRequest, **decoded: Image.Image | None) -> GenerationSpec:
+        """The request as a spec (images decoded off the event loop); `InvalidField` if unusable."""
+        self.check_accepting()
+        spec = await run_in_threadpool(build_spec, request, self.limits, **decoded)
+        serves_loras = self.engine is not None and self.engine.loras is not None
+        check_loras(spec.loras, self.library if serves_loras else None)
+        return spec
+
+    def submit(self, spec: GenerationSpec, *, api: str, request_id: str, timeout: float | None) -> Job:
+        self.check_accepting()
+        return self.jobs.submit(spec, api=api, request_id=request_id, timeout=timeout)
+
+    async def generate(
+        self,
+        spec: GenerationSpec,
+        *,
+        encoding: str,
+        request_id: str,
+        client_gone: Callable[[], Awaitable[None]],
+        log_fields: dict,
+    ) -> GenerateResponse:
+        """A synchronous generation: wait for the job (a client that goes away, or the deadline,
+        cancels it), then encode the OctoAI response body."""
+        timeout = self.settings.request_timeout or None
+        job = self.submit(spec, api="sync", request_id=request_id, timeout=timeout)
+        log_fields["job_id"] = job.id
+        try:
+            result = await self._wait(job, timeout, client_gone)
+        finally:
+            log_fields.update(job_fields(job))
+        encoded = await self.encode(result, spec, encoding)
+        log_fields["encode_ms"] = round(encoded.seconds * 1000, 1)
+        self._record_success(job, "sync", len(encoded.response.images))
+        return encoded.response
+
+    async def _wait(self, job: Job, timeout: float | None, client_gone) -> GenerationResult:
+        outcome = asyncio.wrap_future(job.future)
+        # The outcome is read even when nobody waits any longer, so asyncio never warns about it.
+        outcome.add_done_callback(lambda f: f.cancelled() or f.exception())
+        gone = asyncio.ensure_future(client_gone())
+        try:
+            done, _ = await asyncio.wait(
+                {outcome, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone.cancel()
+        if outcome in done:
+            return outcome.result()
+        reason = CLIENT_GONE if gone in done else TIMEOUT
+        self.jobs.cancel(job, reason)
+        raise JobCancelled(reason, started=job.started_at is not None)
+
+    async def encode(self, result: GenerationResult, spec: GenerationSpec, encoding: str) -> Encoded:
+        started = time.monotonic()
+        response = await run_in_threadpool(octoai_response, result, spec, encoding)
+        return Encoded(response, time.monotonic() - started)
+
+    def _record_success(self, job: Job, api: str, images: int) -> None:
+        metrics.REQUEST_SECONDS.labels(job.spec.mode, api).observe(time.monotonic() - job.enqueued_at)
+        metrics.IMAGES_GENERATED.labels(job.spec.mode).inc(images)
+
+    # ------------------------------------------------------------------ async jobs
+
+    def start_async(
+        self, spec: GenerationSpec, *, encoding: str, owner: str | None, request_id: str, log_fields: dict
+    ) -> AsyncRecord:
+        """Queue the job and keep its outcome for the poll URL; returns at once."""
+        job = self.submit(spec, api="async", request_id=request_id, timeout=None)
+        log_fields["job_id"] = job.id
+        record = self.results.create(job, owner)
+        task = asyncio.ensure_future(self._finish_async(record, job, encoding))
+        self._async_tasks.add(task)
+        task.add_done_callback(self._async_tasks.discard)
+        return record
+
+    async def _finish_async(self, record: AsyncRecord, job: Job, encoding: str) -> None:
+        line: dict = {"event": "job", "request_id": job.request_id, "api": "async", "mode": job.spec.mode}
+        try:
+            result = await asyncio.wrap_future(job.future)
+            encoded = await self.encode(result, job.spec, encoding)
+            body = encoded.response.model_dump_json().encode()
+        except Exception as exc:
+            found = problem(exc)
+            cancelled = isinstance(exc, JobCancelled) and exc.reason == DELETED
+            self.results.fail(record, CANCELLED if cancelled else FAILED, found.message, found.status)
+            metrics.ERRORS.labels(found.kind).inc()
+            line.update(status=record.status, error=found.kind)
+            line.update(job_fields(job))
+        else:
+            self.results.complete(record, body)
+            self._record_success(job, "async", len(encoded.response.images))
+            line.update(status=COMPLETED, **job_fields(job), encode_ms=round(encoded.seconds * 1000, 1))
+        job_log.info(json.dumps(line))
+
+    def find(self, response_id: str, owner: str | None) -> AsyncRecord:
+        record = self.results.get(response_id, owner)
+        if record is None:
+            raise NotFound(f"no async job {response_id!r}: unknown, expired, or created with another token")
+        return record
+
+    def poll(self, response_id: str, owner: str | None) -> AsyncView:
+        record = self.find(response_id, owner)
+        return AsyncView(record.id, record.current_status(), record.created_at, record.error)
+
+    async def result(self, response_id: str, owner: str | None) -> bytes:
+        """The body a synchronous call would have returned; `Conflict` until completed."""
+        record = self.find(response_id, owner)
+        if record.status != COMPLETED:
+            raise Conflict(f"job is {record.current_status()}: {record.error or 'no result yet'}")
+        # A body in memory is taken here, on the event loop that owns the store; only a spilled one
+        # is read in a thread, and one swept meanwhile reads as gone.
+        body = record.body if record.body is not None else await run_in_threadpool(self.results.read, record)
+        if body is None:
+            raise NotFound(f"no async job {response_id!r}: its result expired")
+        return body
+
+    def cancel(self, response_id: str, owner: str | None) -> AsyncView:
+        record = self.find(response_id, owner)
+        if record.status in FINAL:
+            raise Conflict(f"job already {record.status}")
+        job = record.job
+        self.results.fail(record, CANCELLED, f"job cancelled: {DELETED}", 409)
+        if job is not None:
+            self.jobs.cancel(job, DELETED)
+        return AsyncView(record.id, CANCELLED, record.created_at, record.error)
+
+    # ------------------------------------------------------------------ assets
+
+    def create_asset(self, name: str, description: str, data: dict) -> tuple[dict, str]:
+        return self.assets.create(name, description, data)
+
+    def list_assets(self) -> list[dict]:
+        return self.assets.all()
+
+    def get_asset(self, id_or_ref: str) -> dict:
+        return self.assets.find(id_or_ref)
+
+    def delete_asset(self, asset_id: str) -> dict:
+        try:
+            return self.assets.delete(asset_id)
+        except LoraError:  # not even a valid name
+            raise NotFound(f"no asset {asset_id!r}") from None
+
+    async def upload_asset(
+        self, asset_id: str, token: str, chunks: AsyncIterator[bytes], declared_length: int | None
+    ) -> int:
+        """Stream a PUT body into staging; `TooLarge` past `--max-lora-mb` (the asset is rejected)."""
+        max_bytes = int(self.settings.max_lora_mb * 2**20)
+        self.assets.authorize(asset_id, token)
+        if declared_length is not None and declared_length > max_bytes:
+            self.assets.reject(asset_id, _too_large(max_bytes))
+            raise TooLarge(_too_large(max_bytes))
+        self.assets.begin_upload(asset_id)
+        try:
+            return await self._receive(asset_id, chunks, max_bytes)
+        except TooLarge as exc:
+            self.assets.reject(asset_id, exc.message)
+            raise
+        except BaseException:  # the client went away mid-body, or the server is stopping
+            self.assets.set_status(
+                asset_id, "ready_to_upload", "the upload was interrupted; PUT the file again"
+            )
+            raise
+
+    async def _receive(self, asset_id: str, chunks: AsyncIterator[bytes], max_bytes: int) -> int:
+        """Stream the body to a temp file; it becomes the staged file only once complete."""
+        temp = self.assets.temp_file(asset_id)
+        size = 0
+        try:
+            with temp.open("wb") as fh:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise TooLarge(_too_large(max_bytes))
+                    await run_in_threadpool(fh.write, chunk)
+            self.assets.finish_upload(asset_id, temp, size)
+        finally:
+            temp.unlink(missing_ok=True)
+        return size
+
+    def asset_file(self, asset_id: str, token: str) -> Path:
+        record = self.assets.authorize(asset_id, token)
+        path = self.library.path(record.name)
+        if record.status != "ready" or not path.is_file():
+            raise Conflict(f"asset {asset_id} is not ready")
+        return path
+
+    async def complete_upload(self, asset_id: str) -> str | None:
+        """Check the staged file against the loaded pipeline, then publish it; the reason if rejected."""
+        if not self._ready.is_set():
+            raise NotReady("model is still loading; LoRAs are checked against it", retry_after=5)
+        self.assets.begin_validation(asset_id)
+        try:
+            await run_in_threadpool(self._validate_and_publish, asset_id)
+        except _Rejected as exc:  # the reason goes to status_details and to the answer
+            await run_in_threadpool(self.assets.reject, asset_id, str(exc))
+            return str(exc)
+        except (OSError, NotFound):
+            raise Conflict(f"asset {asset_id} was deleted during validation") from None
+        finally:
+            self.assets.end_validation(asset_id)
+        return None
+
+    def _validate_and_publish(self, asset_id: str) -> None:
+        cache = self.engine.loras if self.engine is not None else None
+        if cache is None:
+            raise _Rejected("this server serves no LoRAs")
+        record = self.assets.record(asset_id)
+        try:
+            read_lora(self.assets.staging_file(asset_id), record.name, cache.shapes, cache.max_bytes)
+            self.assets.publish(asset_id)
+        except (LoraError, Conflict) as exc:
+            raise _Rejected(problem(exc).message if isinstance(exc, LoraError) else exc.message) from None
+
+
+class _Rejected(Exception):
+    """An uploaded file that cannot be a LoRA of this pipeline; the message says why."""
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"the file exceeds the {max_bytes / 2**20:.4g} MB limit (--max-lora-mb)"
+
+
+def octoai_response(result: GenerationResult, spec: GenerationSpec, encoding: str) -> GenerateResponse:
+    encoded = encode_images(result.images, encoding)
+    images = [
+        ImageGeneration(image_b64=b64, seed=seed) for b64, seed in zip(encoded, spec.seeds, strict=True)
+    ]
+    return GenerateResponse(images=images, prediction_time_ms=result.seconds * 1000)
+
+
+def job_fields(job: Job) -> dict:
+    return {
+        "job_id": job.id,
+        "queue_wait_ms": round(job.queue_wait * 1000, 1),
+        "gpu_ms": round(job.gpu_seconds * 1000, 1),
+    }
