@@ -520,8 +520,9 @@ return 1
 """
 # KEYS: job, body, active zset, finished zset. ARGV: id, has body, body, finished_at, field/value pairs.
 _LUA_FINISH = f"""
+local final = {_FINAL_LUA}
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status or {_FINAL_LUA}[status] then return 0 end
+if not status or final[status] then return 0 end
 redis.call('HDEL', KEYS[1], 'error', 'error_status')
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[3]) end
