@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -139,13 +140,13 @@ def _redis_reason(exc: Exception) -> str:
 def _redis_errors(method):
     """Redis failures after startup surface as StateStoreError, like every other store failure."""
 
+    @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except self._redis.RedisError as exc:
             raise StateStoreError(f"Redis at {self.url} failed: {_redis_reason(exc)}") from exc
 
-    wrapped.__name__, wrapped.__doc__ = method.__name__, method.__doc__
     return wrapped
 
 

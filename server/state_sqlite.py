@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -24,6 +25,20 @@ from server.state_store import (
     check_final_status,
     expected_statuses,
 )
+
+
+def _sqlite_errors(method):
+    """SQLite failures (a file locked past the busy timeout, a full disk) surface as StateStoreError."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StateStoreError(f"SQLite state at {self.path} failed: {exc}") from exc
+
+    return wrapped
+
 
 _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -123,6 +138,7 @@ class SqliteStateStore(StateStore):
 
     # ------------------------------------------------------------ async jobs
 
+    @_sqlite_errors
     def create_job(self, rec: JobRecord) -> None:
         marks = ", ".join("?" * len(JOB_FIELDS))
         try:
@@ -131,10 +147,12 @@ class SqliteStateStore(StateStore):
         except sqlite3.IntegrityError:
             raise StateStoreError(f"job {rec.id} already exists") from None
 
+    @_sqlite_errors
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self._conn().execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return JobRecord(*row) if row else None
 
+    @_sqlite_errors
     def mark_running(self, job_id: str) -> bool:
         with self._write() as conn:
             cur = conn.execute(
@@ -142,6 +160,7 @@ class SqliteStateStore(StateStore):
             )
             return cur.rowcount == 1
 
+    @_sqlite_errors
     def finish_job(self, job_id, status, *, body=None, error=None, error_status=None) -> bool:
         check_final_status(status)
         marks = ", ".join("?" * len(FINAL))
@@ -153,10 +172,12 @@ class SqliteStateStore(StateStore):
             )
             return cur.rowcount == 1
 
+    @_sqlite_errors
     def get_body(self, job_id: str) -> bytes | None:
         row = self._conn().execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
 
+    @_sqlite_errors
     def sweep(self, ttl_s: float, now: float | None = None) -> int:
         now = time.time() if now is None else now
         cutoff = now - ttl_s
@@ -174,6 +195,7 @@ class SqliteStateStore(StateStore):
 
     # ------------------------------------------------------------ replicas
 
+    @_sqlite_errors
     def heartbeat(self, replica: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._write() as conn:
@@ -183,6 +205,7 @@ class SqliteStateStore(StateStore):
                 (replica, now),
             )
 
+    @_sqlite_errors
     def fail_orphans(self, lease_s: float, reason: str, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
         with self._write() as conn:
@@ -200,16 +223,19 @@ class SqliteStateStore(StateStore):
 
     # ------------------------------------------------------------ cancellation
 
+    @_sqlite_errors
     def request_cancel(self, job_id: str) -> bool:
         with self._write() as conn:
             return conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,)).rowcount == 1
 
+    @_sqlite_errors
     def cancel_requested(self, job_id: str) -> bool:
         row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
     # ------------------------------------------------------------ progress events
 
+    @_sqlite_errors
     def append_event(self, job_id: str, event: dict) -> int:
         encoded = json.dumps(event)
         with self._write() as conn:
@@ -223,6 +249,7 @@ class SqliteStateStore(StateStore):
             conn.execute("DELETE FROM events WHERE job_id = ? AND seq <= ?", (job_id, seq - EVENTS_KEPT))
         return seq
 
+    @_sqlite_errors
     def events_after(self, job_id: str, seq: int) -> list[tuple[int, dict]]:
         rows = self._conn().execute(
             "SELECT seq, event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, seq)
@@ -231,23 +258,28 @@ class SqliteStateStore(StateStore):
 
     # ------------------------------------------------------------ assets
 
+    @_sqlite_errors
     def put_asset(self, asset_id: str, record: dict) -> None:
         with self._write() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO assets (id, record) VALUES (?, ?)", (asset_id, json.dumps(record))
             )
 
+    @_sqlite_errors
     def get_asset(self, asset_id: str) -> dict | None:
         row = self._conn().execute("SELECT record FROM assets WHERE id = ?", (asset_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    @_sqlite_errors
     def list_assets(self) -> list[dict]:
         return [json.loads(r) for (r,) in self._conn().execute("SELECT record FROM assets ORDER BY id")]
 
+    @_sqlite_errors
     def delete_asset(self, asset_id: str) -> bool:
         with self._write() as conn:
             return conn.execute("DELETE FROM assets WHERE id = ?", (asset_id,)).rowcount == 1
 
+    @_sqlite_errors
     def update_asset(self, asset_id, expected_status, changes) -> dict:
         expected = expected_statuses(expected_status)
         with self._write() as conn:
@@ -263,6 +295,7 @@ class SqliteStateStore(StateStore):
 
     # ------------------------------------------------------------ webhook deliveries
 
+    @_sqlite_errors
     def add_delivery(self, d: Delivery) -> None:
         marks = ", ".join("?" * len(DELIVERY_FIELDS))
         try:
@@ -271,6 +304,7 @@ class SqliteStateStore(StateStore):
         except sqlite3.IntegrityError:
             raise StateStoreError(f"delivery {d.id} already exists") from None
 
+    @_sqlite_errors
     def claim_due_deliveries(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
         with self._write() as conn:
             rows = conn.execute(
@@ -289,6 +323,7 @@ class SqliteStateStore(StateStore):
             d.payload = bytes(d.payload)
         return claimed
 
+    @_sqlite_errors
     def update_delivery(self, delivery_id, *, attempts, next_attempt_at, status, last_error) -> bool:
         with self._write() as conn:
             cur = conn.execute(
@@ -298,6 +333,7 @@ class SqliteStateStore(StateStore):
             )
             return cur.rowcount == 1
 
+    @_sqlite_errors
     def get_delivery(self, delivery_id: str) -> Delivery | None:
         row = (
             self._conn()
@@ -312,6 +348,7 @@ class SqliteStateStore(StateStore):
 
     # ------------------------------------------------------------ result links
 
+    @_sqlite_errors
     def put_link(self, token: str, job_id: str, index: int, expires_at: float) -> None:
         with self._write() as conn:
             conn.execute(
@@ -319,6 +356,7 @@ class SqliteStateStore(StateStore):
                 (token, job_id, index, expires_at),
             )
 
+    @_sqlite_errors
     def get_link(self, token: str, now: float | None = None) -> tuple[str, int] | None:
         now = time.time() if now is None else now
         row = (

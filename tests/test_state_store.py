@@ -504,3 +504,18 @@ def test_redis_password_is_not_echoed_in_errors():
     with pytest.raises(StateStoreError) as error:
         open_state_store(f"redis://user:hunter2@127.0.0.1:{free_port()}/0")
     assert "hunter2" not in str(error.value) and ":***@" in str(error.value)
+
+
+def test_redis_going_away_later_raises_state_store_error(redis_base_url, tmp_path):
+    # redis_base_url only for its rule: skip (or fail under CI=true) where redis-server is missing.
+    from services import redis_server
+
+    with redis_server(tmp_path) as base_url:
+        store = open_state_store(f"{base_url}/0")
+        store.create_job(job("j1"))
+    started = time.monotonic()
+    with pytest.raises(StateStoreError) as error:
+        store.get_job("j1")
+    assert time.monotonic() - started < 2.0
+    assert str(error.value) == f"Redis at {base_url}/0 failed: connection refused"
+    store.close()
