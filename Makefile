@@ -1,5 +1,5 @@
 # make serve: set up .venv and start the server (MODEL=tiny by default)
-# make test:  set up .venv and run the test suite on the CPU
+# make test:  set up .venv, install redis-server/chromium when missing and allowed, run the suite on the CPU
 # make bench: the speed-mode benchmark (BENCH_ARGS="--weights tiny" on a CPU; see benchmarks/README.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,14 +15,15 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,ray]"
 	touch $@
 
 serve: $(VENV)/.installed
 	$(VENV)/bin/octoflux serve --model "$(MODEL)" --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	sh scripts/system-deps.sh
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
