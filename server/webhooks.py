@@ -271,8 +271,10 @@ class WebhookDispatcher:
         resolve: Resolver = resolve_host,
         verify: ssl.SSLContext | bool = True,
     ):
+        if not check_webhook_secret(secret):
+            raise ValueError("webhooks need a signing secret (--webhook-secret)")
         self.outbox = outbox
-        self._signer = Webhook(check_webhook_secret(secret) or "")
+        self._signer = Webhook(secret)
         self.retries = retries
         self.allow_private = allow_private
         self.backoff_s = backoff_s

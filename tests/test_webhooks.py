@@ -502,6 +502,8 @@ def test_webhook_secret_must_be_in_the_standard_format():
         with pytest.raises(ValueError, match=reason):
             Settings(webhook_secret=bad)
     assert secret not in repr(Settings(webhook_secret=secret))
+    with pytest.raises(ValueError, match="--webhook-secret"):
+        WebhookDispatcher(SqliteOutbox(":memory:"), "")
 
 
 def test_outbox_claims_lease_and_deduplicates(outbox):
