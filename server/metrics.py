@@ -50,3 +50,22 @@ ERRORS = Counter("octoflux_errors", "Failed requests and jobs by kind", ["kind"]
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+# Webhooks (server/webhooks.py): one count per attempt, by what became of it.
+WEBHOOK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+WEBHOOK_DELIVERIES = Counter(
+    "octoflux_webhook_deliveries",
+    "Webhook attempts by outcome: delivered, retry (will be sent again), failed (gave up), refused (address)",
+    ["outcome"],
+)
+WEBHOOK_ATTEMPT_SECONDS = Histogram(
+    "octoflux_webhook_attempt_seconds",
+    "One webhook attempt, from resolving the host to the receiver's answer",
+    buckets=WEBHOOK_BUCKETS,
+)
+WEBHOOK_DELIVERY_SECONDS = Histogram(
+    "octoflux_webhook_delivery_seconds",
+    "From enqueueing a webhook to its delivery, retries included",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.webhooks import check_webhook_secret
+
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """'1024x1024, 512x512' -> [(1024, 1024), (512, 512)]."""
@@ -94,6 +96,20 @@ class Settings(BaseSettings):
     max_lora_mb: float = 2048.0
     lora_upload_ttl_s: float = Field(3600.0, description="how long an asset upload (PUT) URL stays valid")
 
+    # Webhooks for async jobs (server/webhooks.py, docs/webhooks.md).
+    webhook_secret: str = Field(
+        "",
+        repr=False,
+        description="Standard Webhooks signing secret, 'whsec_' + base64 of 24-64 random bytes; "
+        "empty: webhook headers are refused",
+    )
+    webhook_retries: int = Field(
+        5, ge=0, le=10, description="retries after a failed webhook attempt (backoff 3, 6, 12, 24, 48 s...)"
+    )
+    webhook_allow_private: bool = Field(
+        False, description="allow webhook URLs on loopback, private and link-local addresses (on-prem)"
+    )
+
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
@@ -103,6 +119,11 @@ class Settings(BaseSettings):
     def _sizes_parse(cls, value: str) -> str:
         parse_sizes(value)
         return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_format(cls, value: str) -> str:
+        return check_webhook_secret(value)
 
     @property
     def warmup_size_list(self) -> list[tuple[int, int]]:
