@@ -15,6 +15,7 @@ from pipelines.engine import Engine, GenerationSpec
 from pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
 from pipelines.loras import LoraCache, LoraLibrary
 from pipelines.optimize import apply_optimizations, warmup_shapes
+from pipelines.safety import SafetyChecker
 from server.asset_store import AssetStore
 from server.body_limit import BodySizeLimit
 from server.codec import configure_pillow
@@ -47,12 +48,14 @@ def build_engine(settings: Settings) -> Engine:
         max_rank=settings.lora_max_rank,
     )
     applied = apply_optimizations(pipe, settings, device)
+    checker = SafetyChecker.load(settings.safety_checker, device, dtype) if settings.safety_checker else None
     return Engine(
         pipe,
         max_batch=settings.max_batch,
         loras=loras,
         prompt_cache_size=settings.prompt_cache_size,
         optimizations=applied,
+        safety_checker=checker,
     )
 
 
@@ -73,6 +76,8 @@ def warm_up(engine: Engine, settings: Settings, jobs: JobQueue) -> None:
         result = engine.generate(spec)
     # Text-to-image runs every step, as the throughput estimate assumes (img2img runs strength x steps).
     jobs.observe(spec, result.seconds)
+    if not engine.family_info.image_inputs:  # schnell serves text-to-image only
+        return
     width, height = sizes[0]
     image = Image.new("RGB", (width, height), (127, 127, 127))
     mask = Image.new("L", (width, height), 255)
