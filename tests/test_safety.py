@@ -190,3 +190,12 @@ def test_build_engine_loads_the_checker_from_settings(tiny_checkpoint, checker_d
     assert (
         build_engine(Settings(model=tiny_checkpoint, device="cpu", lora_dir=tmp_path)).safety_checker is None
     )
+
+
+def test_safety_benchmark_smoke(capsys):
+    from benchmarks.safety import main
+
+    result = main(["--sizes", "64x64", "--batches", "2", "--runs", "1"])
+    (row,) = result["rows"]
+    assert (row["size"], row["batch"]) == ("64x64", 2) and row["ms_per_image"] > 0
+    assert "safety checker (tiny, cpu): 64x64 batch 2:" in capsys.readouterr().out
