@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from pipelines.family import FAMILIES, detect_family
 from pipelines.inpaint import composite_unmasked
 from pipelines.loras import LoraCache
 from pipelines.prompt_cache import PromptEmbeddingCache, repeat_for_batch
+from pipelines.safety import SafetyChecker, SafetyVerdict
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,10 @@ class GenerationFailed(RuntimeError):
 
 class OutOfMemory(GenerationFailed):
     """The device ran out of memory for this job; fewer images may fit."""
+
+
+class ModeNotOffered(ValueError):
+    """The served model family does not offer this mode (schnell: text-to-image only)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,16 @@ class GenerationSpec:
 class GenerationResult:
     images: list[Image.Image]
     seconds: float
+    # One verdict per image when a safety checker is loaded; flagged images are already black.
+    safety: list[SafetyVerdict] | None = None
+
+    @property
+    def removed_for_safety(self) -> list[bool]:
+        return [v.flagged for v in self.safety] if self.safety else [False] * len(self.images)
+
+    @property
+    def safety_scores(self) -> list[float | None]:
+        return [v.score for v in self.safety] if self.safety else [None] * len(self.images)
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,8 @@ class Engine:
         loras: LoraCache | None = None,
         prompt_cache_size: int = 32,
         optimizations=None,
+        family: str | None = None,
+        safety_checker: SafetyChecker | None = None,
     ):
         from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 
@@ -106,12 +124,21 @@ class Engine:
         self.prompt_cache = PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size > 0 else None
         # What pipelines.optimize applied (step cache, compile...); None when nothing was.
         self.optimizations = optimizations
+        # "flux-dev" or "flux-schnell"; what it offers (modes, default steps) is FAMILIES[family].
+        self.family = family or detect_family(pipe)
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; known: {sorted(FAMILIES)}")
+        self.family_info = FAMILIES[self.family]
+        # Screens every decoded image once per request; None serves images unchecked.
+        self.safety_checker = safety_checker
 
     def generate(
         self, spec: GenerationSpec, should_stop: StopCheck = _never_stop, on_step: StepListener | None = None
     ) -> GenerationResult:
         """Run one request, in batches of at most `max_batch` images."""
         started = time.perf_counter()
+        if spec.mode not in self.family_info.modes:
+            raise ModeNotOffered(f"{self.family} offers {', '.join(self.family_info.modes)}, not {spec.mode}")
         if self.loras is not None:
             # Every job sets its own LoRA set (none active when it names none) before it runs.
             self.loras.activate(spec.loras)
@@ -122,12 +149,23 @@ class Engine:
                 batch_seeds = spec.seeds[first : first + self.max_batch]
                 progress = _step_reporter(on_step, spec, index, len(batches))
                 images.extend(self._run_batch(spec, batch_seeds, should_stop, progress))
+            if spec.mode == "inpaint":
+                images = [composite_unmasked(img, spec.init_image, spec.mask_image) for img in images]
+            safety = self._screen(images)
         except torch.OutOfMemoryError as exc:
             self.free_memory()
             raise OutOfMemory(str(exc).splitlines()[0]) from exc
-        if spec.mode == "inpaint":
-            images = [composite_unmasked(img, spec.init_image, spec.mask_image) for img in images]
-        return GenerationResult(images=images, seconds=time.perf_counter() - started)
+        return GenerationResult(images=images, seconds=time.perf_counter() - started, safety=safety)
+
+    def _screen(self, images: list[Image.Image]) -> list[SafetyVerdict] | None:
+        """Check the final images in one batch; flagged ones are replaced by black, as OctoAI did."""
+        if self.safety_checker is None:
+            return None
+        verdicts = self.safety_checker.check(images)
+        for i, verdict in enumerate(verdicts):
+            if verdict.flagged:
+                images[i] = Image.new(images[i].mode, images[i].size)
+        return verdicts
 
     def _run_batch(
         self, spec: GenerationSpec, seeds: list[int], should_stop: StopCheck, progress
@@ -143,7 +181,9 @@ class Engine:
             width=spec.width,
             height=spec.height,
             num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance,
+            # Without a guidance embedding (schnell) diffusers ignores it; a fixed value makes that explicit.
+            guidance_scale=spec.guidance if self.family_info.guidance else 0.0,
+            max_sequence_length=self.family_info.max_sequence_length,
             num_images_per_prompt=len(seeds),
             # One CPU generator per image: a seed gives the same noise on any device, and
             # image k of a batch equals its seed run alone.
@@ -171,7 +211,9 @@ class Engine:
             return dict(prompt=spec.prompt)
         # By file hash and weight, so a replaced LoRA file never serves stale embeddings.
         lora_key = self.loras.text_encoder_key if self.loras is not None else ()
-        embeds, pooled = self.prompt_cache.embeddings(pipe, spec.prompt, lora_key)
+        embeds, pooled = self.prompt_cache.embeddings(
+            pipe, spec.prompt, lora_key, max_sequence_length=self.family_info.max_sequence_length
+        )
         return repeat_for_batch(embeds, pooled, images)
 
     def free_memory(self) -> None:

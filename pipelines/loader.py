@@ -12,6 +12,7 @@ from pipelines.tiny import tiny_checkpoint_is_complete, write_tiny_checkpoint
 log = logging.getLogger(__name__)
 
 RANDOM_FULL = "random-full"
+TINY_SCHNELL = "tiny-schnell"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -38,12 +39,12 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
 
 
-def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
+def ensure_tiny_checkpoint(cache_dir: Path, variant: str = "dev") -> Path:
     """Write the tiny checkpoint once; later calls reuse it."""
     if not tiny_checkpoint_is_complete(cache_dir):
-        log.info("writing the tiny random-weight FLUX checkpoint to %s", cache_dir)
+        log.info("writing the tiny random-weight FLUX (%s) checkpoint to %s", variant, cache_dir)
         staging = cache_dir.with_name(cache_dir.name + ".partial")
-        write_tiny_checkpoint(staging)
+        write_tiny_checkpoint(staging, variant)
         if cache_dir.exists():
             import shutil
 
@@ -56,6 +57,9 @@ def model_source(model: str, tiny_dir: Path) -> str:
     """Turn `--model` into what diffusers loads: a folder, a file, or a hub id."""
     if model == "tiny":
         return str(ensure_tiny_checkpoint(tiny_dir))
+    if model == TINY_SCHNELL:
+        # Beside the tiny dev (tiny-flux -> tiny-flux-schnell), so rebuilding one never removes the other.
+        return str(ensure_tiny_checkpoint(tiny_dir.with_name(tiny_dir.name + "-schnell"), "schnell"))
     return model
 
 

@@ -25,7 +25,9 @@ class PromptEmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def embeddings(self, pipe, prompt: str, extra_key: Hashable = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    def embeddings(
+        self, pipe, prompt: str, extra_key: Hashable = (), max_sequence_length: int = 512
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds, pooled_prompt_embeds) for one image of `prompt`, from the cache or encoded now."""
         key = (prompt, extra_key)
         found = self._entries.get(key)
@@ -36,7 +38,11 @@ class PromptEmbeddingCache:
         self.misses += 1
         # Exactly the call FluxPipeline.__call__ makes, so cached and uncached runs match bit for bit.
         prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=prompt, prompt_2=None, device=pipe._execution_device, num_images_per_prompt=1
+            prompt=prompt,
+            prompt_2=None,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length,
         )
         if self.max_entries:
             self._entries[key] = (prompt_embeds, pooled)

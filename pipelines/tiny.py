@@ -1,9 +1,10 @@
-"""A tiny random-weight FLUX.1-dev, written to disk in diffusers format.
+"""A tiny random-weight FLUX.1-dev (or schnell), written to disk in diffusers format.
 
 Same structure as FLUX.1-dev (VAE scale factor 8, 16 latent channels packed 2x2 into 64
 transformer channels, guidance embedding, CLIP + T5 encoders, flow-matching scheduler with
 dynamic shifting) with widths small enough that a 1024x1024 image takes about a second on a CPU.
-Tokenizers are built offline, so nothing is downloaded.
+Tokenizers are built offline, so nothing is downloaded. The schnell variant differs as
+FLUX.1-schnell does: no guidance embedding and a fixed-shift scheduler.
 """
 
 from __future__ import annotations
@@ -72,8 +73,13 @@ def _t5_tokenizer():
     )
 
 
-def build_tiny_pipeline():
+VARIANTS = ("dev", "schnell")
+
+
+def build_tiny_pipeline(variant: str = "dev"):
     """Build the tiny FluxPipeline in memory with deterministic random weights."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}; choose one of {VARIANTS}")
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -92,7 +98,7 @@ def build_tiny_pipeline():
         num_attention_heads=2,
         joint_attention_dim=TEXT_WIDTH,
         pooled_projection_dim=TEXT_WIDTH,
-        guidance_embeds=True,
+        guidance_embeds=variant == "dev",
         axes_dims_rope=(4, 6, 6),
     )
     # mid_block_add_attention=False: the mid-block self-attention is quadratic in latent
@@ -141,10 +147,12 @@ def build_tiny_pipeline():
             decoder_start_token_id=0,
         )
     )
+    # FLUX.1-schnell's scheduler config: a fixed shift of 1.0, no resolution-dependent shift.
+    schnell = variant == "schnell"
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
+        shift=1.0 if schnell else 3.0,
+        use_dynamic_shifting=not schnell,
         base_shift=0.5,
         max_shift=1.15,
         base_image_seq_len=256,
@@ -163,11 +171,11 @@ def build_tiny_pipeline():
     )
 
 
-def write_tiny_checkpoint(directory: str | Path) -> Path:
+def write_tiny_checkpoint(directory: str | Path, variant: str = "dev") -> Path:
     """Write the tiny checkpoint to `directory` (diffusers format) and return its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_pipeline().save_pretrained(directory, safe_serialization=True)
+    build_tiny_pipeline(variant).save_pretrained(directory, safe_serialization=True)
     return directory
 
 

@@ -72,25 +72,50 @@ def serve(settings: Settings) -> None:
     GracefulServer(config, app).run()
 
 
-def make_tiny(directory: Path) -> None:
+TINY_VARIANTS = ("dev", "schnell", "safety-checker")
+
+
+def make_tiny(directory: Path, variant: str = "dev", concept_threshold: float = 1.0) -> None:
+    if variant == "safety-checker":
+        from pipelines.safety import write_tiny_safety_checker
+
+        path = write_tiny_safety_checker(directory, concept_threshold)
+        print(f"wrote the tiny safety checker (concept threshold {concept_threshold}) to {path}")
+        return
     from pipelines.tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(directory)
-    print(f"wrote the tiny FLUX checkpoint to {path}")
+    path = write_tiny_checkpoint(directory, variant)
+    print(f"wrote the tiny FLUX ({variant}) checkpoint to {path}")
+
+
+def _make_tiny_parser(sub) -> None:
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight model (diffusers format) for tests")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--variant",
+        choices=TINY_VARIANTS,
+        default="dev",
+        help="FLUX.1-dev (default), schnell, or a safety checker",
+    )
+    tiny.add_argument(
+        "--concept-threshold",
+        type=float,
+        default=1.0,
+        help="safety-checker only: every concept's threshold (1.0 flags nothing, -1.0 flags everything)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="octoflux", description="OctoAI-compatible FLUX.1-dev server")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    tiny = sub.add_parser("make-tiny", help="write the tiny random-weight FLUX checkpoint (diffusers format)")
-    tiny.add_argument("dir", type=Path)
+    _make_tiny_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         serve(settings_from_args(args))
     else:
-        make_tiny(args.dir)
+        make_tiny(args.dir, args.variant, args.concept_threshold)
 
 
 if __name__ == "__main__":

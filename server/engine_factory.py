@@ -9,6 +9,7 @@ from pipelines.engine import Engine
 from pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
 from pipelines.loras import LoraCache, LoraLibrary
 from pipelines.optimize import apply_optimizations
+from pipelines.safety import SafetyChecker
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,12 @@ def build_engine(settings: Settings, library: LoraLibrary | None = None) -> Engi
         max_rank=settings.lora_max_rank,
     )
     applied = apply_optimizations(pipe, settings, device)
+    checker = SafetyChecker.load(settings.safety_checker, device, dtype) if settings.safety_checker else None
     return Engine(
         pipe,
         max_batch=settings.max_batch,
         loras=loras,
         prompt_cache_size=settings.prompt_cache_size,
         optimizations=applied,
+        safety_checker=checker,
     )

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     attention_backend: str = Field("auto", description="diffusers attention backend, 'auto' or 'native'")
     prompt_cache_size: int = Field(32, ge=0, description="prompt embeddings kept (LRU); 0 disables")
 
+    safety_checker: Path | None = Field(
+        None,
+        description="folder of a diffusers StableDiffusionSafetyChecker (+ its preprocessor config); "
+        "flagged images come back black with removed_for_safety true. Unset: no checking",
+    )
+
     request_timeout: float = Field(
         300.0, description="seconds a sync request may wait and run; past it a 504 (0: no limit)"
     )

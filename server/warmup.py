@@ -29,6 +29,8 @@ def warm_up(engine: Engine, settings: Settings, jobs: JobQueue) -> None:
         result = engine.generate(spec)
     # Text-to-image runs every step, as the throughput estimate assumes (img2img runs strength x steps).
     jobs.observe(spec, result.seconds)
+    if not engine.family_info.image_inputs:  # schnell serves text-to-image only
+        return
     width, height = sizes[0]
     image = Image.new("RGB", (width, height), (127, 127, 127))
     mask = Image.new("L", (width, height), 255)
