@@ -35,9 +35,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.load_in_background(on_load_failure)
-        sweeper = asyncio.ensure_future(service.sweep_forever())
+        keeper = asyncio.ensure_future(service.keep_state())
         yield
-        sweeper.cancel()
+        keeper.cancel()
         # Under `octoflux serve` SIGTERM has drained already; this covers any other way of stopping.
         await service.close()
 

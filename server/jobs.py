@@ -87,6 +87,8 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     # Called with each StepEvent while the job runs (progress, previews); never allowed to fail it.
     step_listeners: list[Callable[[StepEvent], None]] = field(default_factory=list)
+    # Called with the job when the worker starts it (the state store marks it running).
+    start_listeners: list[Callable[[Job], None]] = field(default_factory=list)
     started_at: float | None = None
     finished_at: float | None = None
 
@@ -277,6 +279,11 @@ class JobQueue:
         engine = self._engine
         assert engine is not None
         job.started_at = time.monotonic()
+        for listener in job.start_listeners:
+            try:
+                listener(job)
+            except Exception:  # bookkeeping must not stop the job
+                log.exception("start listener of job %s failed", job.id)
         mode = job.spec.mode
         metrics.QUEUE_WAIT_SECONDS.labels(mode, job.api).observe(job.queue_wait)
         failure: BaseException | None = None

@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pipelines.engine import Engine, GenerationResult, GenerationSpec
 from pipelines.loras import LoraError, LoraLibrary, read_lora
 from server import metrics
 from server.asset_store import AssetStore
+from server.async_jobs import HEARTBEAT_EVERY_S, AsyncJobs
 from server.codec import encode_images
 from server.engine_factory import EngineFactory, build_engine
 from server.errors import (
@@ -39,9 +41,10 @@ from server.errors import (
 )
 from server.jobs import Job, JobQueue
 from server.prepare import ImageLimits, build_spec, check_loras
-from server.results import CANCELLED, COMPLETED, FAILED, FINAL, AsyncRecord, ResultStore
+from server.records import CANCELLED, COMPLETED, FAILED, FINAL, JobRecord
 from server.schemas import GenerateRequest, GenerateResponse, ImageGeneration
 from server.settings import Settings
+from server.state_store import StateStoreError, open_state_store
 from server.warmup import warm_up
 
 log = logging.getLogger(__name__)
@@ -84,11 +87,10 @@ class GenerationService:
         self.jobs = JobQueue(settings.max_queue)
         self.library = LoraLibrary(settings.lora_dir)
         self.assets = AssetStore(self.library, settings.lora_upload_ttl_s)
-        self.results = ResultStore(
-            ttl=settings.result_ttl,
-            max_bytes=int(settings.max_result_mb * 2**20),
-            spill_dir=settings.results_dir,
-        )
+        self.replica = uuid.uuid4().hex[:12]
+        self.state = open_state_store(settings.resolved_state_url)
+        self.async_jobs = AsyncJobs(self.state, self.replica, settings.result_ttl)
+        self.async_jobs.heartbeat()  # before any job of ours is stored, or it would look orphaned
         self.limits = ImageLimits(int(settings.max_image_mb * 2**20), settings.max_image_pixels)
         self._async_tasks: set[asyncio.Task] = set()
 
@@ -142,13 +144,21 @@ class GenerationService:
         await asyncio.to_thread(self.drain)
         if self._async_tasks:
             await asyncio.wait(self._async_tasks, timeout=5)
-        self.results.close()
+        self.state.close()
 
-    async def sweep_forever(self, every: float = 60.0) -> None:
-        """Expire async results even when nobody polls (the store also sweeps on every access)."""
+    async def keep_state(self, sweep_every: float = 60.0) -> None:
+        """Heartbeat (failing jobs of lost replicas), pick up remote cancels, expire old results."""
+        last_sweep = time.monotonic()
         while True:
-            await asyncio.sleep(every)
-            self.results.sweep()
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            try:
+                await asyncio.to_thread(self.async_jobs.heartbeat)
+                await asyncio.to_thread(self.async_jobs.cancel_flagged, self.jobs)
+                if time.monotonic() - last_sweep > sweep_every:
+                    last_sweep = time.monotonic()
+                    await asyncio.to_thread(self.async_jobs.sweep)
+            except StateStoreError as exc:  # the store is down: say so, keep serving sync requests
+                log.error("state store: %s", exc)
 
     def check_accepting(self) -> None:
         """`ShuttingDown` or `NotReady` unless new work can be taken."""
@@ -224,19 +234,23 @@ class GenerationService:
 
     # ------------------------------------------------------------------ async jobs
 
-    def start_async(
+    async def start_async(
         self, spec: GenerationSpec, *, encoding: str, owner: str | None, request_id: str, log_fields: dict
-    ) -> AsyncRecord:
+    ) -> JobRecord:
         """Queue the job and keep its outcome for the poll URL; returns at once."""
         job = self.submit(spec, api="async", request_id=request_id, timeout=None)
         log_fields["job_id"] = job.id
-        record = self.results.create(job, owner)
-        task = asyncio.ensure_future(self._finish_async(record, job, encoding))
+        try:
+            record = await asyncio.to_thread(self.async_jobs.create, job, owner=owner, encoding=encoding)
+        except BaseException:
+            self.jobs.cancel(job, DELETED)  # never run a job nobody can ask about
+            raise
+        task = asyncio.ensure_future(self._finish_async(job, encoding))
         self._async_tasks.add(task)
         task.add_done_callback(self._async_tasks.discard)
         return record
 
-    async def _finish_async(self, record: AsyncRecord, job: Job, encoding: str) -> None:
+    async def _finish_async(self, job: Job, encoding: str) -> None:
         line: dict = {"event": "job", "request_id": job.request_id, "api": "async", "mode": job.spec.mode}
         try:
             result = await asyncio.wrap_future(job.future)
@@ -245,47 +259,42 @@ class GenerationService:
         except Exception as exc:
             found = problem(exc)
             cancelled = isinstance(exc, JobCancelled) and exc.reason == DELETED
-            self.results.fail(record, CANCELLED if cancelled else FAILED, found.message, found.status)
+            status = CANCELLED if cancelled else FAILED
+            await asyncio.to_thread(self.async_jobs.fail, job.id, status, found.message, found.status)
             metrics.ERRORS.labels(found.kind).inc()
-            line.update(status=record.status, error=found.kind)
-            line.update(job_fields(job))
+            line.update(status=status, error=found.kind, **job_fields(job))
         else:
-            self.results.complete(record, body)
+            await asyncio.to_thread(self.async_jobs.complete, job.id, body)
             self._record_success(job, "async", len(encoded.response.images))
             line.update(status=COMPLETED, **job_fields(job), encode_ms=round(encoded.seconds * 1000, 1))
         job_log.info(json.dumps(line))
 
-    def find(self, response_id: str, owner: str | None) -> AsyncRecord:
-        record = self.results.get(response_id, owner)
+    async def find(self, response_id: str, owner: str | None) -> JobRecord:
+        record = await asyncio.to_thread(self.async_jobs.get, response_id, owner)
         if record is None:
             raise NotFound(f"no async job {response_id!r}: unknown, expired, or created with another token")
         return record
 
-    def poll(self, response_id: str, owner: str | None) -> AsyncView:
-        record = self.find(response_id, owner)
-        return AsyncView(record.id, record.current_status(), record.created_at, record.error)
+    async def poll(self, response_id: str, owner: str | None) -> AsyncView:
+        record = await self.find(response_id, owner)
+        return AsyncView(record.id, record.status, record.created_at, record.error)
 
     async def result(self, response_id: str, owner: str | None) -> bytes:
         """The body a synchronous call would have returned; `Conflict` until completed."""
-        record = self.find(response_id, owner)
+        record = await self.find(response_id, owner)
         if record.status != COMPLETED:
-            raise Conflict(f"job is {record.current_status()}: {record.error or 'no result yet'}")
-        # A body in memory is taken here, on the event loop that owns the store; only a spilled one
-        # is read in a thread, and one swept meanwhile reads as gone.
-        body = record.body if record.body is not None else await run_in_threadpool(self.results.read, record)
+            raise Conflict(f"job is {record.status}: {record.error or 'no result yet'}")
+        body = await asyncio.to_thread(self.async_jobs.body, record.id)
         if body is None:
             raise NotFound(f"no async job {response_id!r}: its result expired")
         return body
 
-    def cancel(self, response_id: str, owner: str | None) -> AsyncView:
-        record = self.find(response_id, owner)
-        if record.status in FINAL:
-            raise Conflict(f"job already {record.status}")
-        job = record.job
-        self.results.fail(record, CANCELLED, f"job cancelled: {DELETED}", 409)
-        if job is not None:
-            self.jobs.cancel(job, DELETED)
-        return AsyncView(record.id, CANCELLED, record.created_at, record.error)
+    async def cancel(self, response_id: str, owner: str | None) -> AsyncView:
+        record = await self.find(response_id, owner)
+        if record.status in FINAL or not await asyncio.to_thread(self.async_jobs.cancel, record, self.jobs):
+            current = await self.find(response_id, owner)
+            raise Conflict(f"job already {current.status}")
+        return AsyncView(record.id, CANCELLED, record.created_at, f"job cancelled: {DELETED}")
 
     # ------------------------------------------------------------------ assets
 

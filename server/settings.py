@@ -30,6 +30,10 @@ def default_tiny_dir() -> Path:
     return Path.home() / ".cache" / "octoflux" / "tiny-flux"
 
 
+def default_state_dir() -> Path:
+    return Path.home() / ".cache" / "octoflux" / "state"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OCTOFLUX_", extra="ignore")
 
@@ -81,11 +85,13 @@ class Settings(BaseSettings):
         60.0, description="on SIGTERM, seconds the running job may take before it is interrupted"
     )
     result_ttl: float = Field(3600.0, description="seconds a finished async result is kept")
-    max_result_mb: float = Field(
-        512.0, description="async results kept in memory; older ones spill to --results-dir"
+    state_url: str = Field(
+        "",
+        description="where async results and asset records live: sqlite:///PATH/state.db "
+        "(default: state.db in --state-dir) or redis://HOST:PORT/DB for replicas on several nodes",
     )
-    results_dir: Path | None = Field(
-        None, description="where results over --max-result-mb go (default: a temp dir)"
+    state_dir: Path = Field(
+        default_factory=default_state_dir, description="folder of the default SQLite state store"
     )
     public_url: str = Field(
         "", description="base of the absolute poll/response URLs (default: the request's own host)"
@@ -115,6 +121,10 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = Field(
         False, description="allow webhook URLs on loopback, private and link-local addresses (on-prem)"
     )
+
+    @property
+    def resolved_state_url(self) -> str:
+        return self.state_url or f"sqlite:///{self.state_dir.resolve()}/state.db"
 
     @property
     def api_key_list(self) -> list[str]:

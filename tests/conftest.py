@@ -95,6 +95,7 @@ def server_factory(tiny_checkpoint, tmp_path_factory) -> Callable[..., object]:
             port=free_port(),
             device="cpu",
             lora_dir=tmp_path_factory.mktemp("loras"),
+            state_dir=tmp_path_factory.mktemp("state"),
             warmup_steps=1,
         )
         values.update(overrides)

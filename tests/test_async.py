@@ -10,8 +10,9 @@ from conftest import STEPS, b64_to_image
 from engine_control import WAIT, EngineControl, wait_until
 
 from pipelines.engine import GenerationSpec
-from server.jobs import Job
-from server.results import ResultStore
+from server.async_jobs import AsyncJobs
+from server.jobs import Job, JobQueue
+from server.state_store import open_state_store
 
 ASYNC = {"X-OctoAI-Async": "1"}
 
@@ -148,37 +149,54 @@ def test_async_result_is_readable_only_with_the_creating_token(server_factory):
         assert len(sdk_with_auth.get_future_result(future)["images"]) == 1
 
 
-# The result store on its own: TTL, memory budget, spilling to disk.
+# Async records on their own, over a real SQLite state store: TTL, ownership, restarts.
 
 
 def finished_job() -> Job:
     return Job(spec=GenerationSpec(prompt="x", width=512, height=512, steps=1, guidance=3.5, seeds=[1]))
 
 
-def test_results_over_the_memory_budget_spill_to_disk_and_stay_readable(tmp_path):
-    store = ResultStore(ttl=60, max_bytes=250, spill_dir=tmp_path)
-    records = [store.create(finished_job(), owner=None) for _ in range(3)]
-    for i, record in enumerate(records):
-        store.complete(record, bytes([i]) * 100)
-    assert store.memory_bytes <= 250 and store.disk_bytes == 100
-    assert records[0].body is None and records[0].path is not None
-    assert [store.read(r) for r in records] == [bytes([i]) * 100 for i in range(3)]
-    store.close()
-    assert not list(tmp_path.iterdir())
+def async_jobs(path, ttl: float = 60.0) -> AsyncJobs:
+    jobs = AsyncJobs(open_state_store(f"sqlite:///{path}/state.db"), replica="r1", ttl_s=ttl)
+    jobs.heartbeat()
+    return jobs
 
 
-def test_results_expire_after_the_ttl(tmp_path):
-    store = ResultStore(ttl=0.05, max_bytes=0, spill_dir=tmp_path)
-    record = store.create(finished_job(), owner="alice")
-    store.complete(record, b"{}")
-    assert store.get(record.id, "alice") is record
-    assert store.get(record.id, "bob") is None
+def test_finished_bodies_survive_a_restart_byte_for_byte(tmp_path):
+    jobs = async_jobs(tmp_path)
+    job = finished_job()
+    jobs.create(job, owner="alice", encoding="png")
+    body = bytes(range(256)) * 100
+    assert jobs.complete(job.id, body)
+    jobs.store.close()
+    reopened = async_jobs(tmp_path)
+    assert reopened.get(job.id, "alice").status == "completed"
+    assert reopened.body(job.id) == body
+
+
+def test_results_expire_after_the_ttl_and_belong_to_their_owner(tmp_path):
+    jobs = async_jobs(tmp_path, ttl=0.05)
+    job = finished_job()
+    jobs.create(job, owner="alice", encoding="png")
+    jobs.complete(job.id, b"{}")
+    assert jobs.get(job.id, "alice").status == "completed"
+    assert jobs.get(job.id, "bob") is None
     time.sleep(0.1)
-    assert store.get(record.id, "alice") is None
-    assert len(store) == 0 and not list(tmp_path.iterdir())
+    assert jobs.get(job.id, "alice") is None
+    assert jobs.sweep() == 1
 
 
-def test_pending_jobs_never_expire():
-    store = ResultStore(ttl=0, max_bytes=0)
-    record = store.create(finished_job(), owner=None)
-    assert store.get(record.id, None) is record
+def test_pending_jobs_never_expire(tmp_path):
+    jobs = async_jobs(tmp_path, ttl=0)
+    job = finished_job()
+    jobs.create(job, owner=None, encoding="png")
+    assert jobs.get(job.id, None).status == "pending"
+
+
+def test_a_cancel_wins_over_a_completion_that_arrives_later(tmp_path):
+    jobs = async_jobs(tmp_path)
+    job = finished_job()
+    record = jobs.create(job, owner=None, encoding="png")
+    assert jobs.cancel(record, JobQueue(4))
+    assert not jobs.complete(job.id, b"{}")
+    assert jobs.get(job.id, None).status == "cancelled" and jobs.body(job.id) is None

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.results import owner_key
+from server.owners import owner_key
 from server.service import GenerationService
 
 

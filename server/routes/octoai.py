@@ -60,7 +60,7 @@ async def generate_flux_dev(
     encoding = body.image_encoding or "png"
     request_id = request.state.request_id
     if is_async:
-        record = service.start_async(
+        record = await service.start_async(
             spec, encoding=encoding, owner=request_owner(request), request_id=request_id, log_fields=fields
         )
         poll_url = absolute_url(request, "poll_response", response_id=record.id)
@@ -93,7 +93,7 @@ def _status(request: Request, view: AsyncView) -> AsyncStatus:
     summary="Status of an async generation; `response_url` once completed",
 )
 async def poll_response(response_id: str, request: Request, service: Service):
-    return _status(request, service.poll(response_id, request_owner(request)))
+    return _status(request, await service.poll(response_id, request_owner(request)))
 
 
 @router.get(
@@ -116,4 +116,4 @@ async def response_result(response_id: str, request: Request, service: Service):
     summary="Cancel a pending or running async generation",
 )
 async def cancel_response(response_id: str, request: Request, service: Service):
-    return _status(request, service.cancel(response_id, request_owner(request)))
+    return _status(request, await service.cancel(response_id, request_owner(request)))
