@@ -15,6 +15,7 @@ from pipelines.engine import Engine, GenerationSpec
 from pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
 from pipelines.loras import LoraCache, LoraLibrary
 from pipelines.optimize import apply_optimizations, warmup_shapes
+from server import metrics
 from server.asset_store import AssetStore
 from server.body_limit import BodySizeLimit
 from server.codec import configure_pillow
@@ -45,6 +46,7 @@ def build_engine(settings: Settings) -> Engine:
         max_bytes=int(settings.max_lora_mb * 2**20),
         slots=settings.lora_slots if settings.optimize != "none" else 0,
         max_rank=settings.lora_max_rank,
+        on_event=metrics.lora_event_recorder(),
     )
     applied = apply_optimizations(pipe, settings, device)
     return Engine(
