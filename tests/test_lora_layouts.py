@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import STEPS, pixels
+from plain_diffusers import PlainDiffusers
 
 from pipelines.engine import Engine, GenerationSpec
 from pipelines.loader import load_flux_pipeline
@@ -81,24 +82,8 @@ def our_image(engine: Engine, loras: dict[str, float]) -> np.ndarray:
 
 def diffusers_image(checkpoint: str, library: LoraLibrary, loras: dict[str, float]) -> tuple[np.ndarray, set]:
     """Plain diffusers on a fresh pipeline: the image, and the components that got LoRA layers."""
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    for name in loras:
-        pipe.load_lora_weights(str(library.path(name)), adapter_name=name.replace("-", "_"))
-    if loras:
-        pipe.set_adapters([n.replace("-", "_") for n in loras], list(loras.values()))
-    image = pipe(
-        prompt=PROMPT,
-        width=SIZE,
-        height=SIZE,
-        num_inference_steps=STEPS,
-        guidance_scale=3.5,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-    ).images[0]
-    touched = {c for c in ("transformer", "text_encoder") if getattr(getattr(pipe, c), "peft_config", None)}
-    return pixels(image).astype(np.int16), touched
+    oracle = PlainDiffusers(checkpoint, library)
+    return oracle.image(loras, PROMPT, SIZE, SEED), oracle.components_with_loras()
 
 
 @pytest.fixture(scope="module")
