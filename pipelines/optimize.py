@@ -117,7 +117,7 @@ def apply_optimizations(pipe, settings, device: torch.device | None = None) -> A
     applied.attention_backend = set_attention_backend(transformer, settings.attention_backend, device)
     if settings.optimize != "none":
         if getattr(transformer, "peft_config", None):
-            # LoRA slots (pipelines/loras.py) wrap to_q/to_k/to_v; a fused to_qkv would bypass them.
+            # LoRA slots (pipelines/loras/slots.py) wrap to_q/to_k/to_v; a fused to_qkv would bypass them.
             applied.notes.append("QKV left unfused: LoRA slots target to_q/to_k/to_v")
         else:
             # Fuse before quantizing: fusion concatenates the q/k/v weight matrices.
