@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipelines import compat
+
 log = logging.getLogger(__name__)
 
 OPTIMIZE_MODES = ("none", "compile", "fp8", "cache")
@@ -86,7 +88,7 @@ class Applied:
     def before_generation(self, pipe) -> None:
         """Drop step-cache state a cancelled run may have left (a finished run resets its own)."""
         if self.step_counter is not None:
-            pipe.transformer._reset_stateful_cache()
+            compat.reset_step_cache(pipe.transformer)
 
 
 def check_combination(optimize: str, offload: str, quantize: str) -> None:
@@ -115,7 +117,7 @@ def apply_optimizations(pipe, settings, device: torch.device | None = None) -> A
     applied.attention_backend = set_attention_backend(transformer, settings.attention_backend, device)
     if settings.optimize != "none":
         if getattr(transformer, "peft_config", None):
-            # LoRA slots (pipelines/loras.py) wrap to_q/to_k/to_v; a fused to_qkv would bypass them.
+            # LoRA slots (pipelines/loras/slots.py) wrap to_q/to_k/to_v; a fused to_qkv would bypass them.
             applied.notes.append("QKV left unfused: LoRA slots target to_q/to_k/to_v")
         else:
             # Fuse before quantizing: fusion concatenates the q/k/v weight matrices.
@@ -260,22 +262,10 @@ def enable_step_cache(transformer, threshold: float) -> StepCounter:
     step count; TaylorSeer skips on a fixed interval whatever the content).
     """
     from diffusers import FirstBlockCacheConfig
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
 
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     counter = StepCounter()
-    head = transformer.transformer_blocks[0]
-    hook = HookRegistry.check_if_exists_or_initialize(head).get_hook(_FBC_LEADER_BLOCK_HOOK)
-    decide = hook._should_compute_remaining_blocks
-
-    @torch.compiler.disable
-    def counted(residual: torch.Tensor) -> bool:
-        computed = decide(residual)
-        counter.record(computed)
-        return computed
-
-    hook._should_compute_remaining_blocks = counted
+    compat.observe_first_block_cache(transformer, counter.record)
     return counter
 
 

@@ -2,8 +2,19 @@
 
 `make_lora` attaches a random PEFT LoRA to the tiny transformer (and optionally the CLIP text
 encoder), takes its state dict and removes it again. `save_diffusers` writes it the way training
-scripts do (`FluxPipeline.save_lora_weights`); `to_kohya` and `to_sd_scripts` rewrite the same
-tensors in the kohya key layouts diffusers converts back on load.
+scripts do (`FluxPipeline.save_lora_weights`); the `to_*` functions rewrite it in the other key
+layouts diffusers' `load_lora_weights` converts on load:
+
+- `to_kohya`: kohya keys over diffusers module names (`lora_transformer_*`, `lora_te1_*`);
+- `to_sd_scripts`: kohya/sd-scripts keys over BFL module names (`lora_unet_double_blocks_*`,
+  CLIP as `lora_te1_*`), as kohya's sd-scripts writes FLUX LoRAs;
+- `to_comfyui`: the same BFL names the way ComfyUI saves them (`diffusion_model.double_blocks.*`,
+  CLIP as `text_encoders.clip_l.transformer.*`);
+- `to_xlabs`: XLabs' attention-processor keys (`double_blocks.N.processor.qkv_lora1.down.weight`).
+
+The BFL-named layouts cover double-block image attention (use `DOUBLE_BLOCK_TARGETS`) and CLIP:
+diffusers' sd-scripts converter hard-codes FLUX.1's full widths for `single_blocks.N.linear1`, so
+files for the tiny model leave single blocks out.
 """
 
 from __future__ import annotations
@@ -95,22 +106,69 @@ def to_kohya(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_sd_scripts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """sd-scripts layout over BFL module names for double-block attention: fused `img_attn_qkv`."""
-    out = {}
+def _bfl_modules(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """BFL/CLIP module name → (lora_down, lora_up, alpha) for the double-block image attention and
+    CLIP layers in `state`; q/k/v become one fused `qkv` LoRA of three times the rank."""
+    modules = {}
     blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.transformer_blocks.")})
     for i in blocks:
         base = f"transformer.transformer_blocks.{i}.attn"
         downs = [state[f"{base}.{p}.lora_A.weight"] for p in ("to_q", "to_k", "to_v")]
         ups = [state[f"{base}.{p}.lora_B.weight"] for p in ("to_q", "to_k", "to_v")]
         rank = downs[0].shape[0]
-        out[f"lora_unet_double_blocks_{i}_img_attn_qkv.lora_down.weight"] = torch.cat(downs)
-        out[f"lora_unet_double_blocks_{i}_img_attn_qkv.lora_up.weight"] = torch.block_diag(*ups)
-        out[f"lora_unet_double_blocks_{i}_img_attn_qkv.alpha"] = torch.tensor(float(3 * rank))
-        proj = f"lora_unet_double_blocks_{i}_img_attn_proj"
-        out[f"{proj}.lora_down.weight"] = state[f"{base}.to_out.0.lora_A.weight"]
-        out[f"{proj}.lora_up.weight"] = state[f"{base}.to_out.0.lora_B.weight"]
-        out[f"{proj}.alpha"] = torch.tensor(float(rank))
+        modules[f"double_blocks.{i}.img_attn.qkv"] = (torch.cat(downs), torch.block_diag(*ups), 3.0 * rank)
+        down, up = state[f"{base}.to_out.0.lora_A.weight"], state[f"{base}.to_out.0.lora_B.weight"]
+        modules[f"double_blocks.{i}.img_attn.proj"] = (down, up, float(rank))
+    for key, down in state.items():
+        if key.startswith("text_encoder.") and key.endswith(".lora_A.weight"):
+            module = key.removeprefix("text_encoder.").removesuffix(".lora_A.weight")
+            up = state[key.replace(".lora_A.", ".lora_B.")]
+            name = module if module.startswith("text_model.") else f"text_model.{module}"
+            modules[f"clip:{name}"] = (down, up, float(down.shape[0]))
+    return modules
+
+
+def _kohya_factors(modules, transformer_prefix: str, clip_prefix: str, flatten: bool) -> dict:
+    out = {}
+    for module, (down, up, alpha) in modules.items():
+        prefix = clip_prefix if module.startswith("clip:") else transformer_prefix
+        name = module.removeprefix("clip:")
+        stem = prefix + (name.replace(".", "_") if flatten else name)
+        out[f"{stem}.lora_down.weight"] = down
+        out[f"{stem}.lora_up.weight"] = up
+        out[f"{stem}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def to_sd_scripts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kohya/sd-scripts layout over BFL module names: `lora_unet_double_blocks_0_img_attn_qkv`, and
+    CLIP as `lora_te1_text_model_encoder_layers_0_self_attn_q_proj` when `state` has it."""
+    return _kohya_factors(_bfl_modules(state), "lora_unet_", "lora_te1_", flatten=True)
+
+
+def to_comfyui(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's layout of the same: `diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`
+    and `text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj...`."""
+    return _kohya_factors(
+        _bfl_modules(state), "diffusion_model.", "text_encoders.clip_l.transformer.", flatten=False
+    )
+
+
+def to_xlabs(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """XLabs' layout of double-block image attention: one down for q/k/v (to_q's), ups stacked.
+
+    XLabs shares the down factor across q, k and v, so this is a different LoRA from `state` (to_k
+    and to_v get to_q's down); it is the file both loaders must read alike. No alphas (scale 1).
+    """
+    out = {}
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.transformer_blocks.")})
+    for i in blocks:
+        base = f"transformer.transformer_blocks.{i}.attn"
+        ups = [state[f"{base}.{p}.lora_B.weight"] for p in ("to_q", "to_k", "to_v")]
+        out[f"double_blocks.{i}.processor.qkv_lora1.down.weight"] = state[f"{base}.to_q.lora_A.weight"]
+        out[f"double_blocks.{i}.processor.qkv_lora1.up.weight"] = torch.cat(ups)
+        out[f"double_blocks.{i}.processor.proj_lora1.down.weight"] = state[f"{base}.to_out.0.lora_A.weight"]
+        out[f"double_blocks.{i}.processor.proj_lora1.up.weight"] = state[f"{base}.to_out.0.lora_B.weight"]
     return out
 
 

@@ -10,6 +10,7 @@ from pipelines.loader import load_flux_pipeline, model_source, resolve_device, r
 from pipelines.loras import LoraCache, LoraLibrary
 from pipelines.optimize import apply_optimizations
 from pipelines.safety import SafetyChecker
+from server import metrics
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def build_engine(settings: Settings, library: LoraLibrary | None = None) -> Engi
         max_bytes=int(settings.max_lora_mb * 2**20),
         slots=settings.lora_slots if settings.optimize != "none" else 0,
         max_rank=settings.lora_max_rank,
+        on_event=metrics.lora_event_recorder(),
     )
     applied = apply_optimizations(pipe, settings, device)
     checker = SafetyChecker.load(settings.safety_checker, device, dtype) if settings.safety_checker else None

@@ -6,6 +6,8 @@ Metrics live in prometheus-client's default registry, which also carries the pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 # Seconds: from a 2-step tiny model on CPU to a 50-step 16-image FLUX.1-dev batch.
@@ -43,8 +45,27 @@ STEP_SECONDS = Histogram(
 IMAGES_GENERATED = Counter("octoflux_images_generated", "Images returned to clients", ["mode"])
 ERRORS = Counter("octoflux_errors", "Failed requests and jobs by kind", ["kind"])
 
-# The LoRA cache's own metrics (hits, misses, load/switch time, evictions) live beside it in
-# pipelines/loras.py, which must not import the server; they land in the same default registry.
+# The LoRA cache (pipelines/loras/cache.py) knows nothing of Prometheus: it reports events to the
+# listener `lora_event_recorder()` returns, which the app passes in as `LoraCache(on_event=...)`.
+LORA_LOAD_SECONDS = Histogram("octoflux_lora_load_seconds", "Time to read and attach one LoRA adapter")
+LORA_SWITCH_SECONDS = Histogram("octoflux_lora_switch_seconds", "Time to change the active LoRA set")
+LORA_EVICTIONS = Counter("octoflux_lora_evictions_total", "LoRA adapters removed from the pipeline")
+LORA_CACHE_HITS = Counter("octoflux_lora_cache_hits", "LoRA activations served by a resident adapter")
+LORA_CACHE_MISSES = Counter("octoflux_lora_cache_misses", "LoRA activations that loaded weights from disk")
+
+
+def lora_event_recorder() -> Callable[[str, float | None], None]:
+    """The `on_event` listener for `LoraCache`: each cache event updates its metric."""
+    counted = {"hit": LORA_CACHE_HITS, "miss": LORA_CACHE_MISSES, "evict": LORA_EVICTIONS}
+    timed = {"load": LORA_LOAD_SECONDS, "switch": LORA_SWITCH_SECONDS}
+
+    def record(event: str, seconds: float | None) -> None:
+        if event in counted:
+            counted[event].inc()
+        elif event in timed and seconds is not None:
+            timed[event].observe(seconds)
+
+    return record
 
 
 def render() -> tuple[bytes, str]:

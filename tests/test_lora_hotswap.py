@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import STEPS, pixels
+from plain_diffusers import PlainDiffusers
 from torch._dynamo.testing import CompileCounter
 
 import pipelines.optimize as optimize
@@ -34,21 +35,25 @@ def library(tmp_path_factory):
     return library
 
 
+PROMPT, SIZE, SEED = "a lighthouse", 256, 3
+
+
 def spec(loras: dict[str, float]) -> GenerationSpec:
     return GenerationSpec(
-        prompt="a lighthouse", width=256, height=256, steps=STEPS, guidance=3.5, seeds=[3], loras=loras
+        prompt=PROMPT, width=SIZE, height=SIZE, steps=STEPS, guidance=3.5, seeds=[SEED], loras=loras
     )
 
 
-def image(engine: Engine, loras: dict[str, float]) -> np.ndarray:
+def image(engine: Engine | PlainDiffusers, loras: dict[str, float]) -> np.ndarray:
+    if isinstance(engine, PlainDiffusers):
+        return engine.image(loras, PROMPT, SIZE, SEED)
     return pixels(engine.generate(spec(loras)).images[0]).astype(np.int16)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint, library):
-    """The eager path: no compile, one PEFT adapter per LoRA, set_adapters weights."""
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
-    return Engine(pipe, loras=LoraCache(pipe, library, cache_size=8))
+def reference(tiny_checkpoint, library) -> PlainDiffusers:
+    """Plain diffusers, none of our LoRA code: load_lora_weights once per LoRA, set_adapters weights."""
+    return PlainDiffusers(tiny_checkpoint, library)
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +69,7 @@ def compiled(tiny_checkpoint, library):
         applied = optimize.apply_optimizations(pipe, settings, CPU)
     finally:
         optimize.compile_transformer = real
-    engine = Engine(pipe, loras=cache)
-    engine.optimizations = applied
-    return engine, counter
+    return Engine(pipe, loras=cache, optimizations=applied), counter
 
 
 SEQUENCE = [

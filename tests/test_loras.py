@@ -101,6 +101,16 @@ def test_kohya_and_sd_scripts_layouts_give_the_diffusers_image(live, states):
     assert moved(image(live, {"double": 1.0}), image(live)) > 0.5
 
 
+def test_kohya_file_with_clip_te1_keys_is_served_like_its_diffusers_twin(live):
+    """sd-scripts writes CLIP as `lora_te1_*`; plain diffusers loads it onto CLIP, so must we."""
+    folder = live.settings.lora_dir
+    state = make_lora(6, transformer_targets=DOUBLE_BLOCK_TARGETS, text_encoder=True)
+    save_diffusers(state, folder / "double-clip.safetensors")
+    save_raw(to_sd_scripts(state), folder / "double-clip-kohya.safetensors")
+    assert np.array_equal(image(live, {"double-clip-kohya": 0.9}), image(live, {"double-clip": 0.9}))
+    assert moved(image(live, {"double-clip-kohya": 0.9}), image(live)) > 0.5
+
+
 def test_unknown_or_badly_named_lora_is_a_422_naming_it(live):
     assert_422_naming(post(live, {"nope": 1.0}), "nope")
     assert_422_naming(post(live, {"../style": 1.0}), "../style")

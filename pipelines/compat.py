@@ -1,0 +1,118 @@
+"""Every private or undocumented diffusers/PEFT API this project relies on, each behind one function.
+
+diffusers and PEFT may move any of these in a minor release; pyproject.toml pins the minors they
+were tested with, and tests/test_compat.py has one test per entry that names the API when it
+moves. Public, documented APIs are called directly elsewhere; only what is underscored, imported
+from an internal module, or relies on an internal attribute belongs here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# ------------------------------------------------------------------ LoRA state dicts
+
+
+def flux_lora_state_dict(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """diffusers' converters (kohya, XLabs, BFL, PEFT...) as `load_lora_weights` runs them."""
+    from diffusers import FluxPipeline
+
+    state, alphas = FluxPipeline.lora_state_dict(tensors, return_alphas=True)
+    return state, dict(alphas or {})
+
+
+def text_encoder_keys_to_peft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' pre-PEFT text-encoder keys (`self_attn.to_k_lora.down.weight`, what its kohya
+    converter emits for `lora_te1_*`) → PEFT keys (`self_attn.k_proj.lora_A.weight`), by the two
+    conversions diffusers' `_load_lora_into_text_encoder` applies."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    return convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
+
+
+def text_encoder_lora_config(state: dict, alphas: dict | None, metadata: dict | None, ranks: dict):
+    """The `peft.LoraConfig` diffusers builds for a text-encoder state dict (private helper)."""
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    return _create_lora_config(state, alphas, metadata, ranks, is_unet=False)
+
+
+# ------------------------------------------------------------------ adapters on models
+
+
+def load_into_transformer(pipe, state, alphas, metadata, adapter: str, hotswap: bool = False) -> None:
+    """`load_lora_into_transformer`, passing the pipeline through its private `_pipeline` argument
+    (diffusers uses it to lift and restore CPU offloading around the load)."""
+    type(pipe).load_lora_into_transformer(
+        state,
+        network_alphas=alphas,
+        transformer=pipe.transformer,
+        adapter_name=adapter,
+        metadata=metadata,
+        _pipeline=pipe,
+        hotswap=hotswap,
+    )
+
+
+def has_peft_layers(model) -> bool:
+    """diffusers' own flag on a model that PEFT layers were ever added (private attribute)."""
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def delete_adapter_layers(model, adapter: str) -> None:
+    """Remove one adapter's layers from a model diffusers has no `delete_adapters` for (CLIP)."""
+    from diffusers.loaders.lora_base import delete_adapter_layers as delete
+
+    delete(model, adapter)
+    model.peft_config.pop(adapter, None)
+
+
+def set_text_encoder_adapters(text_encoder, adapters: list[str], weights: list[float]) -> None:
+    """Exactly these adapters at these weights on the text encoder; none: every LoRA layer bypassed."""
+    from diffusers.loaders.lora_base import (
+        disable_lora_for_text_encoder,
+        enable_lora_for_text_encoder,
+        set_adapters_for_text_encoder,
+    )
+
+    if adapters:
+        enable_lora_for_text_encoder(text_encoder)
+        set_adapters_for_text_encoder(adapters, text_encoder, weights)
+    else:
+        disable_lora_for_text_encoder(text_encoder)  # a no-op on a model with no LoRA layers
+
+
+# ------------------------------------------------------------------ First Block Cache
+
+
+def observe_first_block_cache(transformer, record: Callable[[bool], None]) -> None:
+    """Call `record(computed)` on each First Block Cache decision (True: the remaining blocks ran),
+    by wrapping the leader hook's private `_should_compute_remaining_blocks`."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    head = transformer.transformer_blocks[0]
+    hook = HookRegistry.check_if_exists_or_initialize(head).get_hook(_FBC_LEADER_BLOCK_HOOK)
+    if hook is None:
+        raise RuntimeError("First Block Cache is not enabled on this transformer")
+    decide = hook._should_compute_remaining_blocks
+
+    @torch.compiler.disable  # a host-side decision between blocks: a graph break either way
+    def observed(residual: torch.Tensor) -> bool:
+        computed = decide(residual)
+        record(computed)
+        return computed
+
+    hook._should_compute_remaining_blocks = observed
+
+
+def reset_step_cache(transformer) -> None:
+    """Forget the cached residuals a cancelled run left (diffusers' private cache reset)."""
+    transformer._reset_stateful_cache()
+
+
+def execution_device(pipe) -> torch.device:
+    """The device a pipeline runs its models on, offloading included (a private property)."""
+    return pipe._execution_device
