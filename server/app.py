@@ -18,11 +18,12 @@ from pipelines.optimize import apply_optimizations, warmup_shapes
 from server.asset_store import AssetStore
 from server.body_limit import BodySizeLimit
 from server.codec import configure_pillow
+from server.cors import install_cors
 from server.errors import install_error_handlers
 from server.jobs import JobQueue
 from server.requestlog import RequestContext
 from server.results import ResultStore
-from server.routes import assets, generate, health
+from server.routes import assets, generate, health, playground
 from server.settings import Settings
 from server.shutdown import drain
 
@@ -136,9 +137,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(assets.router)
+    app.include_router(playground.router)
     app.add_middleware(
         BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20), exempt=assets.is_upload_path
     )
     # Outermost, so that even a 413 carries X-Request-ID and gets its log line.
     app.add_middleware(RequestContext)
+    install_cors(app, settings)
     return app

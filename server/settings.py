@@ -94,6 +94,15 @@ class Settings(BaseSettings):
     max_lora_mb: float = 2048.0
     lora_upload_ttl_s: float = Field(3600.0, description="how long an asset upload (PUT) URL stays valid")
 
+    # Browser apps on other origins (the playground at / is same-origin and needs none).
+    cors_origins: str = Field(
+        "", description="comma-separated origins allowed to call the API from a browser; empty: none"
+    )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip()]
+
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
