@@ -115,7 +115,9 @@ class Playground:
         self.page.fill("#token", token)
         self.page.press("#token", "Tab")  # "change": the page lists the LoRAs with this token
 
-    def settings(self, prompt: str, size: str = "512x512", steps: int = STEPS, seed: int | None = None) -> None:
+    def settings(
+        self, prompt: str, size: str = "512x512", steps: int = STEPS, seed: int | None = None
+    ) -> None:
         self.page.fill("#prompt", prompt)
         self.page.select_option("#size", size)
         self.page.fill("#steps", str(steps))
@@ -199,7 +201,11 @@ def test_page_and_its_files_are_served_without_a_token(server):
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    for name, kind in (("app.js", "text/javascript"), ("api.js", "text/javascript"), ("style.css", "text/css")):
+    for name, kind in (
+        ("app.js", "text/javascript"),
+        ("api.js", "text/javascript"),
+        ("style.css", "text/css"),
+    ):
         response = httpx.get(f"{server.url}/playground/{name}")
         assert response.status_code == 200
         assert response.headers["content-type"].startswith(kind)
