@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import time
@@ -375,9 +376,13 @@ def _long_job(server, **overrides) -> str:
     return response.json()["response_id"]
 
 
-def _status(server, response_id: str) -> str:
+def _poll(server, response_id: str) -> dict:
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    return httpx.get(f"{server.url}/v1/responses/{response_id}", headers=headers).json()["status"]
+    return httpx.get(f"{server.url}/v1/responses/{response_id}", headers=headers).json()
+
+
+def _status(server, response_id: str) -> str:
+    return _poll(server, response_id)["status"]
 
 
 def test_cancel_stops_a_running_job(playground, server):
@@ -420,6 +425,44 @@ def test_a_full_queue_shows_a_busy_banner_with_the_wait(playground, server):
         for response_id in (waiting, running):
             if response_id:
                 httpx.delete(f"{server.url}/v1/responses/{response_id}", headers=headers)
+
+
+def test_page_follows_the_event_stream_when_the_server_has_one(playground, server):
+    """The events endpoint answered in the browser (its format), over the real job: no polling then."""
+    page = playground.page
+    stream_requests, polls = [], []
+
+    def events(route):
+        stream_requests.append(route.request)
+        response_id = route.request.url.split("/v1/responses/")[1].split("/")[0]
+        deadline = time.monotonic() + 30
+        while (state := _poll(server, response_id))["status"] != "completed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        preview = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(preview, format="JPEG")
+        preview_url = "data:image/jpeg;base64," + base64.b64encode(preview.getvalue()).decode()
+        body = "".join(
+            f"event: {name}\r\ndata: {json.dumps(data)}\r\n\r\n"
+            for name, data in (
+                ("progress", {"step": 1, "steps": STEPS, "image_batch": 0, "eta_s": 0.1}),
+                ("preview", {"image": preview_url}),
+                ("progress", {"step": STEPS, "steps": STEPS, "image_batch": 0, "eta_s": 0}),
+                ("completed", {"response_url": state["response_url"]}),
+            )
+        )
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page.route("**/v1/responses/*/events*", events)
+    page.on("request", lambda r: polls.append(r.url) if re.search(r"/v1/responses/[^/]+$", r.url) else None)
+    playground.open()
+    page.check("#previews")
+    playground.settings("streamed", seed=11)
+    figure = playground.generate()
+    assert int(figure.get_attribute("data-seed")) == 11
+    (stream,) = stream_requests
+    assert stream.url.endswith("/events?preview=1")
+    assert stream.headers["authorization"] == f"Bearer {TOKEN}"  # why the page reads it with fetch()
+    assert polls == []
 
 
 def test_event_stream_parser_splits_events_across_chunks(playground):
