@@ -256,6 +256,11 @@ def test_generate_shows_the_image_with_its_seed_and_the_seed_is_reusable(playgro
     if os.environ.get("OCTOFLUX_DOCS_SCREENSHOT"):
         save_docs_screenshot(page)
 
+    again.locator(".use-init").click()  # the result becomes the next init image
+    page.wait_for_selector("#init-view:not([hidden])")
+    assert page.get_attribute("#init-preview", "src") == again.locator("img").get_attribute("src")
+    assert page.is_checked('input[name="mode"][value="image"]')
+
 
 def test_changing_the_size_changes_the_image_size(playground):
     playground.open()
