@@ -10,10 +10,11 @@ from fastapi import FastAPI
 
 from server.body_limit import BodySizeLimit
 from server.codec import configure_pillow
+from server.cors import install_cors
 from server.engine_factory import EngineFactory, build_engine
 from server.http_errors import install_error_handlers
 from server.requestlog import RequestContext
-from server.routes import assets, health, octoai
+from server.routes import assets, health, octoai, playground
 from server.service import GenerationService
 from server.settings import Settings
 
@@ -47,9 +48,12 @@ def create_app(
     app.include_router(health.router)
     app.include_router(octoai.router)
     app.include_router(assets.router)
+    app.include_router(playground.router)
     app.add_middleware(
         BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20), exempt=assets.is_upload_path
     )
-    # Outermost, so that even a 413 carries X-Request-ID and gets its log line.
+    # Outside the body limit, so that even a 413 carries X-Request-ID and gets its log line.
     app.add_middleware(RequestContext)
+    # Outermost: preflights are answered, and CORS headers added to every answer, including errors.
+    install_cors(app, settings)
     return app

@@ -126,6 +126,15 @@ class Settings(BaseSettings):
     def resolved_state_url(self) -> str:
         return self.state_url or f"sqlite:///{self.state_dir.resolve()}/state.db"
 
+    # Browser apps on other origins (the playground at / is same-origin and needs none).
+    cors_origins: str = Field(
+        "", description="comma-separated origins allowed to call the API from a browser; empty: none"
+    )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip()]
+
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
