@@ -116,6 +116,11 @@ class Job:
         return (self.finished_at or time.monotonic()) - self.started_at
 
 
+def new_job(spec: GenerationSpec, *, api: str, request_id: str, timeout: float | None) -> Job:
+    deadline = time.monotonic() + timeout if timeout else None
+    return Job(spec=spec, api=api, request_id=request_id, deadline=deadline)
+
+
 class JobQueue:
     """FIFO of jobs, consumed by a single worker thread that calls `Engine.generate`."""
 
@@ -153,8 +158,18 @@ class JobQueue:
         self, spec: GenerationSpec, *, api: str = "sync", request_id: str = "", timeout: float | None = None
     ) -> Job:
         """Queue a job, or raise QueueFull / ShuttingDown."""
-        deadline = time.monotonic() + timeout if timeout else None
-        job = Job(spec=spec, api=api, request_id=request_id, deadline=deadline)
+        return self.enqueue(new_job(spec, api=api, request_id=request_id, timeout=timeout))
+
+    def check_room(self) -> None:
+        """QueueFull / ShuttingDown now, before anything is stored for a job that cannot be queued."""
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown()
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(self.retry_after_seconds(), depth=len(self._pending))
+
+    def enqueue(self, job: Job) -> Job:
+        """Queue a job made by `new_job`, or raise QueueFull / ShuttingDown."""
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown()

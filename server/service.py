@@ -39,7 +39,7 @@ from server.errors import (
     TooLarge,
     problem,
 )
-from server.jobs import Job, JobQueue
+from server.jobs import Job, JobQueue, new_job
 from server.prepare import ImageLimits, build_spec, check_loras
 from server.records import CANCELLED, COMPLETED, FAILED, FINAL, JobRecord
 from server.schemas import GenerateRequest, GenerateResponse, ImageGeneration
@@ -237,13 +237,20 @@ class GenerationService:
     async def start_async(
         self, spec: GenerationSpec, *, encoding: str, owner: str | None, request_id: str, log_fields: dict
     ) -> JobRecord:
-        """Queue the job and keep its outcome for the poll URL; returns at once."""
-        job = self.submit(spec, api="async", request_id=request_id, timeout=None)
+        """Queue the job and keep its outcome for the poll URL; returns at once.
+
+        The record is stored before the job is queued, so even a job that finishes at once has one.
+        """
+        self.check_accepting()
+        self.jobs.check_room()
+        job = new_job(spec, api="async", request_id=request_id, timeout=None)
         log_fields["job_id"] = job.id
+        record = await asyncio.to_thread(self.async_jobs.create, job, owner=owner, encoding=encoding)
         try:
-            record = await asyncio.to_thread(self.async_jobs.create, job, owner=owner, encoding=encoding)
-        except BaseException:
-            self.jobs.cancel(job, DELETED)  # never run a job nobody can ask about
+            self.jobs.enqueue(job)
+        except Exception as exc:  # filled up meanwhile: the id was never handed out
+            found = problem(exc)
+            await asyncio.to_thread(self.async_jobs.fail, job.id, FAILED, found.message, found.status)
             raise
         task = asyncio.ensure_future(self._finish_async(job, encoding))
         self._async_tasks.add(task)

@@ -60,6 +60,19 @@ def test_sdk_infer_async_returns_the_synchronous_body(server):
     assert result["images"][0]["image_b64"] == sync["images"][0]["image_b64"]
 
 
+def test_async_jpeg_result_is_the_jpeg_a_sync_call_returns(server):
+    endpoint = f"{server.url}/generate/flux-dev"
+    jpeg = body("a lighthouse", image_encoding="jpeg")
+    with httpx.Client(timeout=WAIT) as client:
+        accepted = client.post(endpoint, json=jpeg, headers={"X-OctoAI-Async": "1"}).json()
+        status = poll_until_final(client, accepted["poll_url"])
+        result = client.get(status["response_url"]).json()
+        sync = client.post(endpoint, json=jpeg).json()
+    image = b64_to_image(result["images"][0]["image_b64"])
+    assert (image.format, image.size) == ("JPEG", (512, 512))
+    assert result["images"][0]["image_b64"] == sync["images"][0]["image_b64"]
+
+
 def test_poll_reports_running_then_pending_then_completed(server, control):
     gate = control.hold("first")
     with httpx.Client(timeout=WAIT) as client:
