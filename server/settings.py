@@ -28,71 +28,176 @@ def default_tiny_dir() -> Path:
     return Path.home() / ".cache" / "octoflux" / "tiny-flux"
 
 
+# `--help` shows the flags in these groups, in this order; a field names its group with
+# `json_schema_extra=group(...)`. A field without one is listed under "other options".
+GROUPS = {
+    "model": "model and device",
+    "server": "network and access",
+    "limits": "limits and timeouts",
+    "warmup": "warm-up",
+    "speed": "speed and memory modes (pipelines/optimize.py)",
+    "async": "async results",
+    "loras": "LoRAs",
+}
+
+
+def group(name: str) -> dict:
+    if name not in GROUPS:
+        raise ValueError(f"unknown settings group {name!r}; add it to GROUPS")
+    return {"group": name}
+
+
 class Settings(BaseSettings):
+    """Every field is a `serve` flag (`--max-queue`) and a variable (`OCTOFLUX_MAX_QUEUE`).
+
+    A flag wins over the variable, which wins over the default. The flag's help is the field's
+    description; a Literal type gives its choices; a bool gives `--NAME` (default False) or
+    `--no-NAME` (default True).
+    """
+
     model_config = SettingsConfigDict(env_prefix="OCTOFLUX_", extra="ignore")
 
     model: str = Field(
         "tiny",
-        description="'tiny', 'random-full' (FLUX.1-dev's architecture, random weights), "
-        "a diffusers-format folder, a hub id, or a .safetensors file",
+        description="'tiny' (built-in random weights), 'random-full' (FLUX.1-dev's architecture, random "
+        "weights), a diffusers-format folder, a hub id in the local HF cache, or a .safetensors file",
+        json_schema_extra=group("model"),
     )
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    tiny_dir: Path = Field(default_factory=default_tiny_dir)
-
-    api_keys: str = Field("", description="comma-separated bearer tokens; empty means no auth")
-    allow_unauthenticated: bool = False
-
-    max_body_mb: float = 64.0
-    max_image_mb: float = 32.0
-    max_image_pixels: int = 40_000_000
-    max_queue: int = 32
-    max_batch: int = 4
-    warmup: bool = True
-    warmup_steps: int = 2
-    warmup_sizes: str = Field(
-        "512x512", description="comma-separated WxH sizes compiled and warmed before /readyz turns 200"
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="where the model runs; auto: CUDA if present", json_schema_extra=group("model")
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="weights' dtype; auto: bfloat16 on a GPU, float32 on a CPU",
+        json_schema_extra=group("model"),
+    )
+    tiny_dir: Path = Field(
+        default_factory=default_tiny_dir,
+        description="where --model tiny is written once (default: ~/.cache/octoflux/tiny-flux)",
+        json_schema_extra=group("model"),
     )
 
-    # Speed and memory modes: see pipelines/optimize.py for what each costs in quality.
-    optimize: Literal["none", "compile", "fp8", "cache"] = "none"
-    cache_threshold: float = Field(
-        0.08, ge=0.0, description="First Block Cache threshold for --optimize cache"
+    host: str = Field("127.0.0.1", description="address to bind", json_schema_extra=group("server"))
+    port: int = Field(8000, description="port to bind", json_schema_extra=group("server"))
+    api_keys: str = Field(
+        "",
+        description="comma-separated bearer tokens; empty means no auth",
+        json_schema_extra=group("server"),
     )
-    offload: Literal["none", "model", "sequential"] = "none"
-    quantize: Literal["none", "fp8", "int8", "nf4"] = "none"
-    attention_backend: str = Field("auto", description="diffusers attention backend, 'auto' or 'native'")
-    prompt_cache_size: int = Field(32, ge=0, description="prompt embeddings kept (LRU); 0 disables")
-
-    request_timeout: float = Field(
-        300.0, description="seconds a sync request may wait and run; past it a 504 (0: no limit)"
-    )
-    shutdown_timeout: float = Field(
-        60.0, description="on SIGTERM, seconds the running job may take before it is interrupted"
-    )
-    result_ttl: float = Field(3600.0, description="seconds a finished async result is kept")
-    max_result_mb: float = Field(
-        512.0, description="async results kept in memory; older ones spill to --results-dir"
-    )
-    results_dir: Path | None = Field(
-        None, description="where results over --max-result-mb go (default: a temp dir)"
+    allow_unauthenticated: bool = Field(
+        False,
+        description="serve without API keys on a non-loopback address",
+        json_schema_extra=group("server"),
     )
     public_url: str = Field(
-        "", description="base of the absolute poll/response URLs (default: the request's own host)"
+        "",
+        description="base of the absolute poll/response URLs (default: the request's own host)",
+        json_schema_extra=group("server"),
     )
 
-    lora_dir: Path = Path("loras")
-    lora_cache_size: int = 8
+    max_body_mb: float = Field(
+        64.0, description="largest request body in MB; larger gets 413", json_schema_extra=group("limits")
+    )
+    max_image_mb: float = Field(
+        32.0, description="largest decoded request image in MB", json_schema_extra=group("limits")
+    )
+    max_image_pixels: int = Field(
+        40_000_000, description="pixel limit for request images", json_schema_extra=group("limits")
+    )
+    max_queue: int = Field(
+        32, description="requests waiting for the model; beyond it, 429", json_schema_extra=group("limits")
+    )
+    max_batch: int = Field(4, description="images per forward pass", json_schema_extra=group("limits"))
+    request_timeout: float = Field(
+        300.0,
+        description="seconds a sync request may wait and run; past it a 504 (0: no limit)",
+        json_schema_extra=group("limits"),
+    )
+    shutdown_timeout: float = Field(
+        60.0,
+        description="on SIGTERM, seconds the running job may take before it is interrupted",
+        json_schema_extra=group("limits"),
+    )
+
+    warmup: bool = Field(
+        True,
+        description="generate once per mode and size before /readyz turns 200",
+        json_schema_extra=group("warmup"),
+    )
+    warmup_steps: int = Field(
+        2, ge=1, description="steps of each warm-up run", json_schema_extra=group("warmup")
+    )
+    warmup_sizes: str = Field(
+        "512x512",
+        description="comma-separated WxH sizes compiled and warmed before /readyz turns 200",
+        json_schema_extra=group("warmup"),
+    )
+
+    # What each mode costs in quality: pipelines/optimize.py.
+    optimize: Literal["none", "compile", "fp8", "cache"] = Field(
+        "none", description="speed mode", json_schema_extra=group("speed")
+    )
+    cache_threshold: float = Field(
+        0.08,
+        ge=0.0,
+        description="First Block Cache threshold for --optimize cache",
+        json_schema_extra=group("speed"),
+    )
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none",
+        description="keep weights on the CPU: per model (model) or per layer (sequential)",
+        json_schema_extra=group("speed"),
+    )
+    quantize: Literal["none", "fp8", "int8", "nf4"] = Field(
+        "none",
+        description="quantize the transformer and T5 weights while loading",
+        json_schema_extra=group("speed"),
+    )
+    attention_backend: str = Field(
+        "auto",
+        description="diffusers attention backend, 'auto' or 'native'",
+        json_schema_extra=group("speed"),
+    )
+    prompt_cache_size: int = Field(
+        32, ge=0, description="prompt embeddings kept (LRU); 0 disables", json_schema_extra=group("speed")
+    )
+
+    result_ttl: float = Field(
+        3600.0, description="seconds a finished async result is kept", json_schema_extra=group("async")
+    )
+    max_result_mb: float = Field(
+        512.0,
+        description="async results kept in memory; older ones spill to --results-dir",
+        json_schema_extra=group("async"),
+    )
+    results_dir: Path | None = Field(
+        None,
+        description="where results over --max-result-mb go (default: a temp dir)",
+        json_schema_extra=group("async"),
+    )
+
+    lora_dir: Path = Field(
+        Path("loras"), description="the LoRA library folder", json_schema_extra=group("loras")
+    )
+    lora_cache_size: int = Field(8, description="LoRAs kept resident (LRU)", json_schema_extra=group("loras"))
     lora_slots: int = Field(
         2,
         ge=1,
         description="with --optimize other than none: hot-swap LoRA slots, the most LoRAs per request",
+        json_schema_extra=group("loras"),
     )
-    lora_max_rank: int = Field(64, ge=1, description="with --optimize other than none: the highest LoRA rank")
-    max_lora_mb: float = 2048.0
-    lora_upload_ttl_s: float = Field(3600.0, description="how long an asset upload (PUT) URL stays valid")
+    lora_max_rank: int = Field(
+        64,
+        ge=1,
+        description="with --optimize other than none: the highest LoRA rank",
+        json_schema_extra=group("loras"),
+    )
+    max_lora_mb: float = Field(
+        2048.0, description="largest LoRA file accepted in MB", json_schema_extra=group("loras")
+    )
+    lora_upload_ttl_s: float = Field(
+        3600.0, description="how long an asset upload (PUT) URL stays valid", json_schema_extra=group("loras")
+    )
 
     @property
     def api_key_list(self) -> list[str]:
