@@ -96,6 +96,28 @@ def _flag_error(error: dict) -> str:
     return f"--{name.replace('_', '-')} (or OCTOFLUX_{name.upper()}) {error['input']!r}: {error['msg']}"
 
 
+def preflight(settings: Settings) -> None:
+    """Before the app starts: the model exists and fits, or one line on stderr and exit code 2."""
+    from pipelines.loader import (
+        ModelLoadError,
+        check_model_source,
+        model_source,
+        resolve_device,
+        resolve_dtype,
+    )
+    from pipelines.memory import WillNotFit, check_model_fits
+
+    try:
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        source = model_source(settings.model, settings.tiny_dir)
+        check_model_source(source)
+        check_model_fits(source, device, dtype, quantize=settings.quantize, offload=settings.offload)
+    except (ModelLoadError, WillNotFit) as exc:
+        print(f"octoflux: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -104,6 +126,7 @@ def serve(settings: Settings) -> None:
     from server.shutdown import GracefulServer
 
     settings.check_auth_exposure()
+    preflight(settings)
     configure_access_log()
     app = create_app(settings)
     # uvicorn's own access log would be a second, unstructured line per request.
