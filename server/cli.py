@@ -7,7 +7,9 @@ field with a description is a flag, in the `--help` group its `json_schema_extra
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -15,6 +17,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import CliSettingsSource
 
 from server.settings import GROUPS, Settings
+
+log = logging.getLogger("octoflux")
 
 OTHER_GROUP = "other options"
 # The CLI source names a value by its type; these read better in --help.
@@ -112,26 +116,59 @@ def preflight(settings: Settings) -> None:
         dtype = resolve_dtype(settings.dtype, device)
         source = model_source(settings.model, settings.tiny_dir)
         check_model_source(source)
-        check_model_fits(source, device, dtype, quantize=settings.quantize, offload=settings.offload)
+        need = check_model_fits(source, device, dtype, quantize=settings.quantize, offload=settings.offload)
     except (ModelLoadError, WillNotFit) as exc:
         print(f"octoflux: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if need is not None:
+        log.info(
+            "memory: about %.1f GB needed on %s (weights and working memory)",
+            need.device_bytes / 2**30,
+            device,
+        )
 
 
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from server.logs import configure_logging
+
+    settings.check_auth_exposure()
+    configure_logging(settings)
+    preflight(settings)
     from server.app import create_app
     from server.requestlog import configure_access_log
     from server.shutdown import GracefulServer
 
-    settings.check_auth_exposure()
-    preflight(settings)
     configure_access_log()
     app = create_app(settings)
+    # log_config=None: uvicorn's records go through our handler (and its filter), not its own.
     # uvicorn's own access log would be a second, unstructured line per request.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
-    GracefulServer(config, app).run()
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, log_level="info", access_log=False
+    )
+    server = GracefulServer(config, app)
+    announcer = threading.Thread(
+        target=_announce, args=(app, server, settings), name="octoflux-ready", daemon=True
+    )
+    announcer.start()
+    server.run()
+    if app.state.load_error is not None:
+        raise SystemExit(1)
+
+
+def _announce(app, server, settings: Settings) -> None:
+    """Say "ready on URL" once the model is loaded and warm; if loading fails, say why and stop."""
+    state = app.state
+    while not state.ready.wait(0.2):
+        if state.load_error is not None:
+            log.error("%s; stopping", state.load_error)
+            server.should_exit = True
+            return
+        if state.draining.is_set():
+            return
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("ready on http://%s:%d", host, settings.port)
 
 
 def make_tiny(directory: Path) -> None:
