@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import pytest
 
 from server import cli
+from server.cli import OTHER_GROUP
 from server.settings import GROUPS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,12 +28,12 @@ SAMPLES = {
 def sample(name: str):
     field = Settings.model_fields[name]
     annotation = field.annotation
-    choices = getattr(annotation, "__args__", ())
+    choices = get_args(annotation)
     if annotation is bool:
         return None, not field.default
-    if choices and all(isinstance(c, str) for c in choices):  # Literal: another choice
+    if get_origin(annotation) is Literal:  # another choice
         other = next(c for c in choices if c != field.default)
-        return other, other
+        return str(other), other
     if name == "warmup_sizes":
         return "768x1344", "768x1344"
     if name == "host":
@@ -39,7 +41,7 @@ def sample(name: str):
     for kind, value in SAMPLES.items():
         if annotation == kind or kind in choices:
             return value
-    raise AssertionError(f"no sample value for {name}: {annotation}")
+    raise AssertionError(f"no sample value for {name}: {annotation}; add its type to SAMPLES")
 
 
 def flag(name: str) -> str:
@@ -105,10 +107,12 @@ def test_help_lists_the_groups_in_order_with_each_flag_under_its_group():
     text = help_text()
     positions = [text.index(f"\n{title}:\n") for title in GROUPS.values()]
     assert positions == sorted(positions)
+    titles = [*GROUPS.values(), OTHER_GROUP]
     for name, field in Settings.model_fields.items():
-        group = GROUPS[field.json_schema_extra["group"]]
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        group = GROUPS.get(extra.get("group"), OTHER_GROUP)  # a field without a group is still a flag
         section = text[text.index(f"\n{group}:\n") :]
-        following = [t for t in GROUPS.values() if t != group and f"\n{t}:\n" in section]
+        following = [t for t in titles if t != group and f"\n{t}:\n" in section]
         end = min((section.index(f"\n{t}:\n") for t in following), default=len(section))
         assert flag(name) in section[:end], f"{flag(name)} is not under {group!r}"
     assert "{none,fp8,int8,nf4}" in text  # choices come from the Literal type
