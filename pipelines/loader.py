@@ -12,6 +12,16 @@ from pipelines.tiny import tiny_checkpoint_is_complete, write_tiny_checkpoint
 log = logging.getLogger(__name__)
 
 RANDOM_FULL = "random-full"
+# The subfolders of a diffusers-format FLUX.1 checkpoint.
+FLUX_COMPONENTS = (
+    "scheduler",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "transformer",
+    "vae",
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -78,6 +88,11 @@ def check_model_source(source: str) -> None:
         if not (path / "model_index.json").is_file():
             raise ModelNotFound(
                 f"--model {source}: no model_index.json in that folder (not a diffusers-format model)"
+            )
+        missing = [name for name in FLUX_COMPONENTS if not (path / name).is_dir()]
+        if missing:
+            raise ModelNotFound(
+                f"--model {source}: a FLUX folder needs {', '.join(missing)} subfolders there"
             )
         return
     if _looks_like_path(source) or source.count("/") != 1:

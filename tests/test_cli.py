@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import pytest
+from conftest import free_port
 
 from server import cli
 from server.cli import OTHER_GROUP
@@ -159,3 +160,25 @@ def test_random_full_on_a_small_cpu_is_refused_before_loading():
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("octoflux: the model will not fit:") and "--dtype bfloat16" in line
+
+
+def test_a_folder_missing_flux_parts_fails_at_startup(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "vae").mkdir()
+    done = run_serve("--model", str(tmp_path))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        f"octoflux: --model {tmp_path}: a FLUX folder needs scheduler, text_encoder, text_encoder_2, "
+        "tokenizer, tokenizer_2, transformer subfolders there"
+    )
+
+
+def test_a_model_that_fails_to_load_after_the_checks_stops_the_server(tmp_path, tiny_checkpoint):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "vae" / "config.json").write_text("not json")
+    done = run_serve("--model", str(broken), "--port", str(free_port()))
+    assert done.returncode == 1
+    assert "model load failed" in done.stderr.splitlines()[-1]
