@@ -1,75 +1,172 @@
-"""`octoflux serve` and `octoflux make-tiny DIR`."""
+"""`octoflux serve` and `octoflux make-tiny DIR`.
+
+`serve`'s flags are derived from `server.settings.Settings` by pydantic-settings' CLI source: a
+field with a description is a flag, in the `--help` group its `json_schema_extra` names.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import threading
 from pathlib import Path
 
-from server.settings import Settings
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import CliSettingsSource
+
+from server.settings import GROUPS, Settings
+
+log = logging.getLogger("octoflux")
+
+OTHER_GROUP = "other options"
+# The CLI source names a value by its type; these read better in --help.
+METAVARS = {"str": "TEXT", "int": "N", "float": "X", "Path": "PATH"}
 
 
-def _serve_parser(sub) -> None:
-    serve = sub.add_parser("serve", help="start the HTTP server (flags override OCTOFLUX_* env vars)")
-    serve.add_argument(
-        "--model",
-        help="'tiny' (default), 'random-full', a diffusers folder, a hub id, or a .safetensors file",
+class _GroupedFlags:
+    """`add_argument_method` for the CLI source: each flag lands in its field's argument group."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+        self.groups: dict[str, argparse._ArgumentGroup] = {}
+        for title in (*GROUPS.values(), OTHER_GROUP):  # created up front: --help keeps GROUPS' order
+            self.groups[title] = parser.add_argument_group(title)
+
+    def __call__(self, context, *names, **kwargs):
+        name = kwargs.get("dest", "")
+        field = Settings.model_fields.get(name)
+        if field is None:  # not a plain field (a nested model's flag): leave it as the source made it
+            return context.add_argument(*names, **kwargs)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        title = GROUPS.get(str(extra.get("group")), OTHER_GROUP)
+        kwargs["help"] = _help(field, kwargs.get("action"))
+        metavar = kwargs.get("metavar")
+        if isinstance(metavar, str) and not metavar.startswith("{"):  # a choice list stays as it is
+            kwargs["metavar"] = METAVARS.get(metavar, name.upper())
+        return self.groups[title].add_argument(*names, **kwargs)
+
+
+def _help(field: FieldInfo, action) -> str:
+    """The field's description, then its default unless the description already says it."""
+    text = field.description or ""
+    if action == "store_false":
+        return f"turn off: {text}"
+    if action == "store_true" or "(default" in text:
+        return text
+    default = field.get_default(call_default_factory=True)
+    if default in (None, ""):
+        return text
+    return f"{text} (default: {default})".replace("%", "%%")
+
+
+def _serve_parser(sub) -> CliSettingsSource[Settings]:
+    serve = sub.add_parser(
+        "serve",
+        usage="octoflux serve [--FLAG VALUE ...]",
+        help="start the HTTP server (flags override OCTOFLUX_* env vars)",
+        description="Start the HTTP server. Every flag is also an OCTOFLUX_* environment variable "
+        "(--max-queue: OCTOFLUX_MAX_QUEUE); a flag wins over the variable, which wins over the default.",
     )
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    serve.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
-    serve.add_argument("--api-keys", help="comma-separated bearer tokens")
-    serve.add_argument("--allow-unauthenticated", action="store_true", default=None)
-    serve.add_argument("--max-body-mb", type=float)
-    serve.add_argument("--max-image-mb", type=float, help="largest decoded request image")
-    serve.add_argument("--max-image-pixels", type=int, help="pixel limit for request images")
-    serve.add_argument("--max-queue", type=int)
-    serve.add_argument("--max-batch", type=int, help="images per forward pass")
-    serve.add_argument("--lora-dir", type=Path)
-    serve.add_argument("--lora-cache-size", type=int)
-    serve.add_argument("--lora-slots", type=int, help="compiled modes: LoRA slots = most LoRAs per request")
-    serve.add_argument("--lora-max-rank", type=int, help="compiled modes: highest LoRA rank accepted")
-    serve.add_argument("--max-lora-mb", type=float)
-    serve.add_argument("--lora-upload-ttl-s", type=float, help="lifetime of an asset upload URL")
-    serve.add_argument("--tiny-dir", type=Path, help="where --model tiny is written once")
-    serve.add_argument("--no-warmup", dest="warmup", action="store_false", default=None)
-    serve.add_argument("--request-timeout", type=float, help="seconds a sync request may take (0: no limit)")
-    serve.add_argument("--shutdown-timeout", type=float, help="seconds the running job gets on SIGTERM")
-    serve.add_argument("--result-ttl", type=float, help="seconds async results are kept")
-    serve.add_argument("--max-result-mb", type=float, help="async results held in memory before spilling")
-    serve.add_argument("--results-dir", type=Path, help="where spilled async results go")
-    serve.add_argument("--public-url", help="base URL for async poll/response URLs")
-    serve.add_argument("--warmup-sizes", help="comma-separated WxH sizes warmed (and compiled) before ready")
-    perf = serve.add_argument_group("speed and memory modes (pipelines/optimize.py)")
-    perf.add_argument("--optimize", choices=["none", "compile", "fp8", "cache"])
-    perf.add_argument("--cache-threshold", type=float, help="step-cache threshold for --optimize cache")
-    perf.add_argument("--offload", choices=["none", "model", "sequential"])
-    perf.add_argument("--quantize", choices=["none", "fp8", "int8", "nf4"], help="weight quantization")
-    perf.add_argument("--attention-backend", help="'auto', 'native', or a diffusers backend name")
-    perf.add_argument("--prompt-cache-size", type=int, help="prompt embeddings kept; 0 disables")
+    return CliSettingsSource(
+        Settings,
+        root_parser=serve,
+        cli_kebab_case=True,
+        cli_implicit_flags="toggle",
+        cli_avoid_json=True,
+        cli_hide_none_type=True,
+        add_argument_method=_GroupedFlags(serve),
+    )
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Settings]]:
+    parser = argparse.ArgumentParser(prog="octoflux", description="OctoAI-compatible FLUX.1-dev server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    source = _serve_parser(sub)
+    _make_tiny_parser(sub)
+    return parser, source
+
+
+def settings_from_args(source: CliSettingsSource[Settings], args: argparse.Namespace) -> Settings:
     """Flags given on the command line win over environment variables, which win over defaults."""
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "dir") and v is not None}
-    return Settings(**given)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "dir")}
+    return Settings(_cli_settings_source=source(parsed_args=given))
+
+
+def _flag_error(error: dict) -> str:
+    name = ".".join(str(part) for part in error["loc"])
+    return f"--{name.replace('_', '-')} (or OCTOFLUX_{name.upper()}) {error['input']!r}: {error['msg']}"
+
+
+def preflight(settings: Settings) -> None:
+    """Before the app starts: the model exists and fits, or one line on stderr and exit code 2."""
+    from pipelines.loader import (
+        ModelLoadError,
+        check_model_source,
+        model_source,
+        resolve_device,
+        resolve_dtype,
+    )
+    from pipelines.memory import WillNotFit, check_model_fits
+
+    try:
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        source = model_source(settings.model, settings.tiny_dir)
+        check_model_source(source)
+        need = check_model_fits(source, device, dtype, quantize=settings.quantize, offload=settings.offload)
+    except (ModelLoadError, WillNotFit) as exc:
+        print(f"octoflux: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if need is not None:
+        log.info(
+            "memory: about %.1f GB needed on %s (weights and working memory)",
+            need.device_bytes / 2**30,
+            device,
+        )
 
 
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from server.logs import configure_logging
+
+    settings.check_auth_exposure()
+    configure_logging(settings)
+    preflight(settings)
     from server.app import create_app
     from server.requestlog import configure_access_log
     from server.shutdown import GracefulServer
 
-    settings.check_auth_exposure()
     configure_access_log()
     app = create_app(settings)
+    # log_config=None: uvicorn's records go through our handler (and its filter), not its own.
     # uvicorn's own access log would be a second, unstructured line per request.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
-    GracefulServer(config, app).run()
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, log_level="info", access_log=False
+    )
+    server = GracefulServer(config, app)
+    announcer = threading.Thread(
+        target=_announce, args=(app.state.service, server, settings), name="octoflux-ready", daemon=True
+    )
+    announcer.start()
+    server.run()
+    if app.state.service.load_error is not None:
+        raise SystemExit(1)
+
+
+def _announce(service, server, settings: Settings) -> None:
+    """Say "ready on URL" once the model is loaded and warm; if loading fails, say why and stop."""
+    while not service.wait_ready(0.2):
+        if service.load_error is not None:
+            log.error("%s; stopping", service.load_error)
+            server.should_exit = True
+            return
+        if service.readiness().status == "shutting down":
+            return
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("ready on http://%s:%d", host, settings.port)
 
 
 TINY_VARIANTS = ("dev", "schnell", "safety-checker")
@@ -106,14 +203,14 @@ def _make_tiny_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="octoflux", description="OctoAI-compatible FLUX.1-dev server")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    _make_tiny_parser(sub)
+    parser, source = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        serve(settings_from_args(args))
+        try:
+            settings = settings_from_args(source, args)
+        except ValidationError as exc:  # argparse's usage line and exit code 2, not a traceback
+            source.root_parser.error("; ".join(_flag_error(error) for error in exc.errors()))
+        serve(settings)
     else:
         make_tiny(args.dir, args.variant, args.concept_threshold)
 

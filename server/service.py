@@ -113,7 +113,8 @@ class GenerationService:
                 self.load()
             except Exception as exc:
                 self.load_error = f"model load failed: {exc}"
-                log.error("%s", self.load_error, exc_info=on_failure is None)
+                log.error("%s", self.load_error)
+                log.debug("model load traceback", exc_info=True)
                 if on_failure is not None:
                     on_failure(self.load_error)
 
@@ -133,6 +134,9 @@ class GenerationService:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
 
     def drain(self) -> None:
         """Readiness off first, then refuse new work, fail the queue, and wait for the running job."""
