@@ -94,9 +94,13 @@ def settings_from_args(source: CliSettingsSource[Settings], args: argparse.Names
     return Settings(_cli_settings_source=source(parsed_args=given))
 
 
+SECRET_FIELDS = {"webhook_secret", "api_keys"}
+
+
 def _flag_error(error: dict) -> str:
     name = ".".join(str(part) for part in error["loc"])
-    return f"--{name.replace('_', '-')} (or OCTOFLUX_{name.upper()}) {error['input']!r}: {error['msg']}"
+    shown = "(hidden)" if name in SECRET_FIELDS else repr(error["input"])
+    return f"--{name.replace('_', '-')} (or OCTOFLUX_{name.upper()}) {shown}: {error['msg']}"
 
 
 def preflight(settings: Settings) -> None:

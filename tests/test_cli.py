@@ -26,6 +26,9 @@ SAMPLES = {
 }
 
 
+SAMPLE_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="
+
+
 def sample(name: str):
     field = Settings.model_fields[name]
     annotation = field.annotation
@@ -39,6 +42,10 @@ def sample(name: str):
         return "768x1344", "768x1344"
     if name == "host":
         return "::1", "::1"
+    if name == "webhook_secret":
+        return SAMPLE_SECRET, SAMPLE_SECRET
+    if name in ("state_url",):
+        return "redis://127.0.0.1:6399/0", "redis://127.0.0.1:6399/0"
     for kind, value in SAMPLES.items():
         if annotation == kind or kind in choices:
             return value
