@@ -139,9 +139,9 @@ def test_family_can_be_given_to_the_engine(schnell_engine):
 
 
 def test_warm_up_on_schnell_runs_text_to_image_only(schnell_engine):
-    from server.warmup import warm_up
     from server.jobs import JobQueue
     from server.settings import Settings
+    from server.warmup import warm_up
 
     settings = Settings(warmup_sizes="256x256", warmup_steps=1)
     jobs = JobQueue(4)
