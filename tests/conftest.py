@@ -33,6 +33,23 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-flux")))
 
 
+@pytest.fixture(scope="session")
+def load_tiny(tiny_checkpoint) -> Callable[..., object]:
+    """`load_tiny()`: a fresh tiny pipeline on the CPU, loaded from disk by the server's own loader.
+
+    Fresh each call: tests attach LoRAs, compile or quantize it. `load_tiny(other_checkpoint)` loads
+    another tiny checkpoint (schnell) the same way.
+    """
+    import torch
+
+    from pipelines.loader import load_flux_pipeline
+
+    def load(checkpoint: str | None = None, dtype=None):
+        return load_flux_pipeline(checkpoint or tiny_checkpoint, torch.device("cpu"), dtype or torch.float32)
+
+    return load
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

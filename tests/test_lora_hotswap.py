@@ -15,7 +15,6 @@ from torch._dynamo.testing import CompileCounter
 
 import pipelines.optimize as optimize
 from pipelines.engine import Engine, GenerationSpec
-from pipelines.loader import load_flux_pipeline
 from pipelines.loras import LoraCache, LoraInvalid, LoraLibrary
 from pipelines.tiny_lora import DOUBLE_BLOCK_TARGETS, make_lora, save_diffusers, save_raw, to_kohya
 from server.settings import Settings
@@ -57,9 +56,9 @@ def reference(tiny_checkpoint, library) -> PlainDiffusers:
 
 
 @pytest.fixture(scope="module")
-def compiled(tiny_checkpoint, library):
+def compiled(load_tiny, tiny_checkpoint, library):
     """The server's compiled path (slots, then apply_optimizations), traced by dynamo's eager backend."""
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+    pipe = load_tiny()
     cache = LoraCache(pipe, library, cache_size=2, slots=2, max_rank=MAX_RANK)
     counter = CompileCounter()
     real = optimize.compile_transformer
@@ -116,8 +115,8 @@ def test_slot_mode_refuses_more_loras_than_slots_and_ranks_above_the_maximum(com
     assert counter.frame_count == frames
 
 
-def test_slots_at_weight_zero_give_the_base_pixels_exactly(tiny_checkpoint, library, reference):
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+def test_slots_at_weight_zero_give_the_base_pixels_exactly(load_tiny, tiny_checkpoint, library, reference):
+    pipe = load_tiny()
     engine = Engine(pipe, loras=LoraCache(pipe, library, slots=2, max_rank=MAX_RANK))
     base = image(reference, {})
     assert np.array_equal(image(engine, {}), base)
@@ -126,9 +125,9 @@ def test_slots_at_weight_zero_give_the_base_pixels_exactly(tiny_checkpoint, libr
     assert np.array_equal(image(engine, {}), base)
 
 
-def test_the_counter_sees_recompiles_without_slots(tiny_checkpoint, library):
+def test_the_counter_sees_recompiles_without_slots(load_tiny, tiny_checkpoint, library):
     """Control: adding PEFT adapters to a compiled transformer, the non-slot way, does recompile."""
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+    pipe = load_tiny()
     counter = CompileCounter()
     optimize.compile_transformer(pipe.transformer, fullgraph=True, backend=counter)
     engine = Engine(pipe, loras=LoraCache(pipe, library))

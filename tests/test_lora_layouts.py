@@ -14,7 +14,6 @@ from conftest import STEPS, pixels
 from plain_diffusers import PlainDiffusers
 
 from pipelines.engine import Engine, GenerationSpec
-from pipelines.loader import load_flux_pipeline
 from pipelines.loras import LoraCache, LoraInvalid, LoraLibrary
 from pipelines.tiny_lora import (
     DOUBLE_BLOCK_TARGETS,
@@ -68,8 +67,8 @@ def library(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_checkpoint, library) -> Engine:
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+def ours(load_tiny, tiny_checkpoint, library) -> Engine:
+    pipe = load_tiny()
     return Engine(pipe, loras=LoraCache(pipe, library, cache_size=len(LAYOUTS)))
 
 

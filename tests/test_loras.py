@@ -184,15 +184,13 @@ def test_lora_scale_is_what_the_weight_says(live, states):
     assert diff.max() <= 1
 
 
-def test_lora_applies_on_a_transformer_with_fused_qkv(tiny_checkpoint, states, tmp_path):
+def test_lora_applies_on_a_transformer_with_fused_qkv(load_tiny, tiny_checkpoint, states, tmp_path):
     """--optimize compile fuses q/k/v; loading a LoRA must unfuse them or the LoRA is ignored."""
-    import torch
 
     from pipelines.engine import Engine, GenerationSpec
-    from pipelines.loader import load_flux_pipeline
     from pipelines.loras import LoraCache, LoraLibrary
 
-    pipe = load_flux_pipeline(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    pipe = load_tiny()
     save_diffusers(states["style"], tmp_path / "style.safetensors")
     engine = Engine(pipe, loras=LoraCache(pipe, LoraLibrary(tmp_path)), prompt_cache_size=0)
     spec = dict(prompt="a fox", width=512, height=512, steps=STEPS, guidance=3.5, seeds=[3])

@@ -11,7 +11,6 @@ from conftest import gradient_image, pixels
 from PIL import Image
 
 from pipelines.engine import Engine, GenerationSpec
-from pipelines.loader import load_flux_pipeline
 from pipelines.safety import (
     SafetyChecker,
     SafetyCheckerLoadError,
@@ -47,8 +46,8 @@ def checker_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe(tiny_checkpoint):
-    return load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+def tiny_pipe(load_tiny, tiny_checkpoint):
+    return load_tiny()
 
 
 # --- scoring -----------------------------------------------------------------------------------

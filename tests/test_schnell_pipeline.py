@@ -55,9 +55,9 @@ def test_make_tiny_schnell_has_no_guidance_embedding_and_a_fixed_shift(schnell_c
     assert (scheduler["use_dynamic_shifting"], scheduler["shift"]) == (False, 1.0)
 
 
-def test_family_is_detected_from_the_transformer_config(schnell_engine, tiny_checkpoint):
+def test_family_is_detected_from_the_transformer_config(load_tiny, schnell_engine, tiny_checkpoint):
     assert schnell_engine.family == FLUX_SCHNELL
-    assert detect_family(load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)) == FLUX_DEV
+    assert detect_family(load_tiny()) == FLUX_DEV
     assert family_from_transformer_config({"guidance_embeds": True}) == FLUX_DEV
     assert family_from_transformer_config({"guidance_embeds": False}) == FLUX_SCHNELL
 
