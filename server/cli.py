@@ -42,6 +42,12 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--results-dir", type=Path, help="where spilled async results go")
     serve.add_argument("--public-url", help="base URL for async poll/response URLs")
     serve.add_argument("--warmup-sizes", help="comma-separated WxH sizes warmed (and compiled) before ready")
+    hooks = serve.add_argument_group("webhooks for async jobs (docs/webhooks.md)")
+    hooks.add_argument("--webhook-secret", help="Standard Webhooks signing secret: whsec_ + base64")
+    hooks.add_argument("--webhook-retries", type=int, help="retries after a failed delivery (default 5)")
+    hooks.add_argument(
+        "--webhook-allow-private", action="store_true", default=None, help="allow private/loopback receivers"
+    )
     perf = serve.add_argument_group("speed and memory modes (pipelines/optimize.py)")
     perf.add_argument("--optimize", choices=["none", "compile", "fp8", "cache"])
     perf.add_argument("--cache-threshold", type=float, help="step-cache threshold for --optimize cache")

@@ -150,11 +150,22 @@ class JobQueue:
         return self._running
 
     def submit(
-        self, spec: GenerationSpec, *, api: str = "sync", request_id: str = "", timeout: float | None = None
+        self,
+        spec: GenerationSpec,
+        *,
+        api: str = "sync",
+        request_id: str = "",
+        timeout: float | None = None,
+        setup: Callable[[Job], None] | None = None,
     ) -> Job:
-        """Queue a job, or raise QueueFull / ShuttingDown."""
+        """Queue a job, or raise QueueFull / ShuttingDown.
+
+        `setup(job)` runs before the worker can see the job (to attach listeners it must not miss).
+        """
         deadline = time.monotonic() + timeout if timeout else None
         job = Job(spec=spec, api=api, request_id=request_id, deadline=deadline)
+        if setup is not None:
+            setup(job)
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown()
