@@ -34,11 +34,16 @@ def _timed(fn, repeat: int) -> dict:
         fn()
         samples.append((time.perf_counter() - started) * 1000)
     samples.sort()
-    return {"median_ms": round(statistics.median(samples), 3), "p90_ms": round(samples[int(0.9 * len(samples))], 3)}
+    return {
+        "median_ms": round(statistics.median(samples), 3),
+        "p90_ms": round(samples[int(0.9 * len(samples))], 3),
+    }
 
 
 def _job(store: StateStore, job_id: str) -> None:
-    store.create_job(JobRecord(id=job_id, owner=None, request_id="bench", created_at=time.time(), replica="b"))
+    store.create_job(
+        JobRecord(id=job_id, owner=None, request_id="bench", created_at=time.time(), replica="b")
+    )
 
 
 def measure_store(store: StateStore, repeat: int) -> dict:
