@@ -65,7 +65,7 @@ class StepPublisher:
         except Exception as exc:  # RecordNotFound, StateStoreError: logged once per job
             if not self._failed:
                 self._failed = True
-                log.warning("progress events of job %s are not stored: %s", self.job_id, exc)
+                log.warning("progress events of job %s are not stored: %r", self.job_id, exc)
 
 
 async def watch_job(

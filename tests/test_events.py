@@ -214,3 +214,27 @@ def test_a_watcher_on_another_replica_follows_the_job(server_factory, server, co
         events = watcher.events()
     assert [name for name, _, _ in events] == ["progress"] * 4 + ["completed"]
     assert events[-1][2]["response_url"].startswith(other_replica.url)
+
+
+def test_step_publisher_logs_progress_and_every_fourth_step_a_preview(tmp_path, caplog):
+    import torch
+
+    from pipelines.engine import StepEvent
+    from server.records import JobRecord
+    from server.state_store import open_state_store
+    from server.step_events import StepPublisher
+
+    store = open_state_store(f"sqlite:///{tmp_path}/state.db")
+    store.create_job(JobRecord("job-1", None, "req", 0.0, replica="r"))
+    latents = torch.randn(1, (512 // 16) ** 2, 64)
+    for publisher in (StepPublisher(store, "job-1"), StepPublisher(store, "not-stored")):
+        for step in range(1, 9):
+            publisher(StepEvent(step, 8, 0, 1, latents, 512, 512))  # never raises, even without a record
+
+    logged = [event for _, event in store.events_after("job-1", 0)]
+    assert [e["event"] for e in logged].count("progress") == 8
+    assert [e["data"]["step"] for e in logged if e["event"] == "preview"] == [4, 8]
+    assert [r.getMessage() for r in caplog.records if "not-stored" in r.getMessage()] == [
+        "progress events of job not-stored are not stored: RecordNotFound('not-stored')"
+    ]
+    store.close()
