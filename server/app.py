@@ -14,7 +14,7 @@ from server.cors import install_cors
 from server.engine_factory import EngineFactory, build_engine
 from server.http_errors import install_error_handlers
 from server.requestlog import RequestContext
-from server.routes import assets, health, octoai, playground
+from server.routes import assets, events, health, octoai, playground
 from server.service import GenerationService
 from server.settings import Settings
 
@@ -36,6 +36,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.load_in_background(on_load_failure)
+        service.start_webhooks()
         keeper = asyncio.ensure_future(service.keep_state())
         yield
         keeper.cancel()
@@ -47,6 +48,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(octoai.router)
+    app.include_router(events.router)
     app.include_router(assets.router)
     app.include_router(playground.router)
     app.add_middleware(

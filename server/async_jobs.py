@@ -5,6 +5,9 @@ object adds the live `Job` handles of the jobs this process queued, so a cancel 
 at once, and a cancel that arrived through another replica is picked up by `cancel_flagged`.
 Store calls block briefly (SQLite on local disk, a Redis round trip): the service runs them off
 the event loop.
+
+Whoever makes a job final in the store (this replica's worker, a DELETE on any replica, the
+heartbeat failing a lost replica's jobs) calls `on_final` once: that is where webhooks are sent from.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from server.errors import DELETED, WORKER_LOST
 from server.jobs import Job, JobQueue
-from server.records import CANCELLED, JobRecord
+from server.records import CANCELLED, COMPLETED, FAILED, JobRecord
 from server.state_store import StateStore
+from server.step_events import StepPublisher
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +29,16 @@ log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 2.0
 LEASE_S = 10.0
 
+# (job id, final status, error): called once per job, by whoever made it final in the store.
+FinalListener = Callable[[str, str, str | None], None]
+
 
 class AsyncJobs:
-    def __init__(self, store: StateStore, replica: str, ttl_s: float):
+    def __init__(self, store: StateStore, replica: str, ttl_s: float, on_final: FinalListener | None = None):
         self.store = store
         self.replica = replica
         self.ttl_s = ttl_s
+        self.on_final = on_final
         self._live: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -48,7 +57,9 @@ class AsyncJobs:
         with self._lock:
             self._live[job.id] = job
         self.store.create_job(record)
+        # Before the job is queued (the record exists by then), so no start or step is missed.
         job.start_listeners.append(lambda started: self.store.mark_running(started.id))
+        job.step_listeners.append(StepPublisher(self.store, job.id))
         return record
 
     def get(self, job_id: str, owner: str | None) -> JobRecord | None:
@@ -66,17 +77,26 @@ class AsyncJobs:
 
     def complete(self, job_id: str, body: bytes) -> bool:
         self._forget(job_id)
-        return self.store.finish_job(job_id, "completed", body=body)
+        return self._finished(job_id, COMPLETED, None, self.store.finish_job(job_id, COMPLETED, body=body))
 
     def fail(self, job_id: str, status: str, message: str, http_status: int) -> bool:
         self._forget(job_id)
-        return self.store.finish_job(job_id, status, error=message, error_status=http_status)
+        finished = self.store.finish_job(job_id, status, error=message, error_status=http_status)
+        return self._finished(job_id, status, message, finished)
+
+    def _finished(self, job_id: str, status: str, error: str | None, finished: bool) -> bool:
+        if finished and self.on_final is not None:
+            try:
+                self.on_final(job_id, status, error)
+            except Exception:  # the job is final for its clients either way
+                log.exception("announcing the end of job %s failed", job_id)
+        return finished
 
     def cancel(self, record: JobRecord, queue: JobQueue) -> bool:
         """Cancelled for the client at once; the replica that holds the job stops it."""
-        if not self.store.finish_job(
-            record.id, CANCELLED, error=f"job cancelled: {DELETED}", error_status=409
-        ):
+        error = f"job cancelled: {DELETED}"
+        finished = self.store.finish_job(record.id, CANCELLED, error=error, error_status=409)
+        if not self._finished(record.id, CANCELLED, error, finished):
             return False
         job = self._forget(record.id)
         if job is not None:
@@ -97,9 +117,12 @@ class AsyncJobs:
     def heartbeat(self) -> list[str]:
         """Say this replica lives; fail the jobs of replicas that stopped saying so."""
         self.store.heartbeat(self.replica)
-        orphans = self.store.fail_orphans(LEASE_S, f"job failed: {WORKER_LOST}; retry it")
+        reason = f"job failed: {WORKER_LOST}; retry it"
+        orphans = self.store.fail_orphans(LEASE_S, reason)
         if orphans:
             log.warning("failed %d jobs whose replica was lost", len(orphans))
+        for job_id in orphans:
+            self._finished(job_id, FAILED, reason, True)
         return orphans
 
     def sweep(self) -> int:

@@ -35,13 +35,17 @@ class ServiceError(Exception):
 
 
 class InvalidField(ServiceError):
-    """A request field that cannot be used; the message says why in words."""
+    """A request field that cannot be used; the message says why in words.
+
+    `location` is where the field was sent: "body" (a JSON field) or "header" (an HTTP header).
+    """
 
     status, kind = 422, "validation"
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, location: str = "body"):
         super().__init__(message)
         self.field = field
+        self.location = location
 
 
 class NotReady(ServiceError):
@@ -99,12 +103,13 @@ class Problem:
     message: str
     field: str | None = None
     retry_after: int | None = None
+    location: str = "body"
 
 
 def problem(exc: BaseException) -> Problem:
     """The status, kind and message for anything a request or its job can end with."""
     if isinstance(exc, InvalidField):
-        return Problem(exc.status, exc.kind, exc.message, field=exc.field)
+        return Problem(exc.status, exc.kind, exc.message, field=exc.field, location=exc.location)
     if isinstance(exc, ServiceError):
         return Problem(exc.status, exc.kind, exc.message, retry_after=exc.retry_after)
     if isinstance(exc, OutOfMemory):

@@ -16,7 +16,7 @@ def octoai_error(request: Request, found: Problem) -> JSONResponse:
     request.state.log["error"] = found.kind
     headers = {"Retry-After": str(found.retry_after)} if found.retry_after else None
     if found.status == 422 and found.field is not None:
-        detail = [{"loc": ["body", found.field], "msg": found.message, "type": "value_error"}]
+        detail = [{"loc": [found.location, found.field], "msg": found.message, "type": "value_error"}]
         return JSONResponse(status_code=422, content={"detail": detail})
     return JSONResponse(status_code=found.status, content={"detail": found.message}, headers=headers)
 

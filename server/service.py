@@ -32,6 +32,7 @@ from server.errors import (
     DELETED,
     TIMEOUT,
     Conflict,
+    InvalidField,
     JobCancelled,
     NotFound,
     NotReady,
@@ -41,11 +42,14 @@ from server.errors import (
 )
 from server.jobs import Job, JobQueue, new_job
 from server.prepare import ImageLimits, build_spec, check_loras
+from server.progress import ProgressEvent, final_event
 from server.records import CANCELLED, COMPLETED, FAILED, FINAL, JobRecord
 from server.schemas import GenerateRequest, GenerateResponse, ImageGeneration
 from server.settings import Settings
 from server.state_store import StateStoreError, open_state_store
+from server.step_events import Watched, watch_job
 from server.warmup import warm_up
+from server.webhooks import EVENT_TYPES, WEBHOOK_HEADER, WebhookDispatcher, WebhookUrlError, check_webhook_url
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("octoflux.access")
@@ -89,7 +93,19 @@ class GenerationService:
         self.assets = AssetStore(self.library, settings.lora_upload_ttl_s)
         self.replica = uuid.uuid4().hex[:12]
         self.state = open_state_store(settings.resolved_state_url)
-        self.async_jobs = AsyncJobs(self.state, self.replica, settings.result_ttl)
+        # Sends from the shared store: deliveries survive a restart, and any live replica sends them.
+        self.webhooks = (
+            WebhookDispatcher(
+                self.state,
+                settings.webhook_secret,
+                retries=settings.webhook_retries,
+                allow_private=settings.webhook_allow_private,
+            )
+            if settings.webhook_secret
+            else None
+        )
+        self._result_urls: dict[str, str] = {}  # absolute result URL of each running async job
+        self.async_jobs = AsyncJobs(self.state, self.replica, settings.result_ttl, on_final=self._announce)
         self.async_jobs.heartbeat()  # before any job of ours is stored, or it would look orphaned
         self.limits = ImageLimits(int(settings.max_image_mb * 2**20), settings.max_image_pixels)
         self._async_tasks: set[asyncio.Task] = set()
@@ -144,10 +160,16 @@ class GenerationService:
         self._ready.clear()
         self.jobs.drain(self.settings.shutdown_timeout)
 
+    def start_webhooks(self) -> None:
+        if self.webhooks is not None:
+            self.webhooks.start()
+
     async def close(self) -> None:
         await asyncio.to_thread(self.drain)
         if self._async_tasks:
             await asyncio.wait(self._async_tasks, timeout=5)
+        if self.webhooks is not None:  # what it has not sent waits in the store for the next process
+            await asyncio.to_thread(self.webhooks.stop)
         self.state.close()
 
     async def keep_state(self, sweep_every: float = 60.0) -> None:
@@ -238,22 +260,51 @@ class GenerationService:
 
     # ------------------------------------------------------------------ async jobs
 
+    async def check_webhook(self, url: str | None, is_async: bool) -> str | None:
+        """The webhook URL to store for a job, after the submit-time checks (DNS, off the event loop)."""
+        if url is None:
+            return None
+        if not is_async:
+            message = f"{WEBHOOK_HEADER} needs an async call (X-OctoAI-Async: 1)"
+        elif self.webhooks is None:
+            message = "this server has no webhook secret (--webhook-secret), so it cannot send webhooks"
+        else:
+            try:
+                return await asyncio.to_thread(check_webhook_url, url, self.settings.webhook_allow_private)
+            except WebhookUrlError as exc:
+                message = str(exc)
+        raise InvalidField(WEBHOOK_HEADER, message, location="header")
+
     async def start_async(
-        self, spec: GenerationSpec, *, encoding: str, owner: str | None, request_id: str, log_fields: dict
+        self,
+        spec: GenerationSpec,
+        *,
+        encoding: str,
+        owner: str | None,
+        request_id: str,
+        log_fields: dict,
+        webhook_url: str | None = None,
+        result_url: Callable[[str], str] | None = None,
     ) -> JobRecord:
         """Queue the job and keep its outcome for the poll URL; returns at once.
 
-        The record is stored before the job is queued, so even a job that finishes at once has one.
+        `result_url(job_id)` is the absolute result URL that a completed job's webhook carries. The
+        record is stored before the job is queued, so even a job that finishes at once has one.
         """
         self.check_accepting()
         self.jobs.check_room()
         job = new_job(spec, api="async", request_id=request_id, timeout=None)
         log_fields["job_id"] = job.id
-        record = await asyncio.to_thread(self.async_jobs.create, job, owner=owner, encoding=encoding)
+        if result_url is not None:
+            self._result_urls[job.id] = result_url(job.id)
+        record = await asyncio.to_thread(
+            self.async_jobs.create, job, owner=owner, encoding=encoding, webhook_url=webhook_url
+        )
         try:
             self.jobs.enqueue(job)
         except Exception as exc:  # filled up meanwhile: the id was never handed out
             found = problem(exc)
+            self._result_urls.pop(job.id, None)
             await asyncio.to_thread(self.async_jobs.fail, job.id, FAILED, found.message, found.status)
             raise
         task = asyncio.ensure_future(self._finish_async(job, encoding))
@@ -279,6 +330,37 @@ class GenerationService:
             self._record_success(job, "async", len(encoded.response.images))
             line.update(status=COMPLETED, **job_fields(job), encode_ms=round(encoded.seconds * 1000, 1))
         job_log.info(json.dumps(line))
+
+    def _announce(self, job_id: str, status: str, error: str | None) -> None:
+        """A job became final (called from a thread, once per job): send its webhook if it asked."""
+        response_url = self._result_urls.pop(job_id, None)
+        if self.webhooks is None:
+            return
+        record = self.state.get_job(job_id)
+        if record is None or not record.webhook_url:
+            return
+        if status != COMPLETED:
+            response_url = None
+        if status == CANCELLED:
+            error = None
+        self.webhooks.enqueue(job_id, EVENT_TYPES[status], status, response_url, error, record.webhook_url)
+
+    async def events(
+        self,
+        response_id: str,
+        owner: str | None,
+        *,
+        response_url: str,
+        after: int = 0,
+        previews: bool = False,
+    ) -> AsyncIterator[Watched]:
+        """The job's live events (`NotFound` at once if the owner may not see it); see `watch_job`."""
+        record = await self.find(response_id, owner)
+
+        def final(record: JobRecord) -> ProgressEvent:
+            return final_event(record.status, response_url, record.error)
+
+        return watch_job(self.state, record, final, after=after, previews=previews)
 
     async def find(self, response_id: str, owner: str | None) -> JobRecord:
         record = await asyncio.to_thread(self.async_jobs.get, response_id, owner)

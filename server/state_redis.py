@@ -363,8 +363,8 @@ class RedisStateStore(StateStore):
         values = {name: getattr(d, name) for name in DELIVERY_FIELDS}
         score = d.next_attempt_at if d.status == "pending" else d.created_at
         keys = [self._key("delivery", d.id), self._delivery_index(d.status)]
-        if not self._create(keys=keys, args=[d.id, score, *_pairs(values)]):
-            raise StateStoreError(f"delivery {d.id} already exists")
+        # An id already stored keeps its first version: enqueueing the same message twice is one message.
+        self._create(keys=keys, args=[d.id, score, *_pairs(values)])
 
     def _delivery(self, raw: dict[bytes, bytes]) -> Delivery:
         return Delivery(**_decode(raw, DELIVERY_FIELDS, _DELIVERY_TYPES, keep_bytes=("payload",)))

@@ -297,12 +297,13 @@ class SqliteStateStore(StateStore):
 
     @_sqlite_errors
     def add_delivery(self, d: Delivery) -> None:
+        """Store a new delivery; an id already stored keeps its first version (enqueueing is idempotent)."""
         marks = ", ".join("?" * len(DELIVERY_FIELDS))
-        try:
-            with self._write() as conn:
-                conn.execute(f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({marks})", astuple(d))
-        except sqlite3.IntegrityError:
-            raise StateStoreError(f"delivery {d.id} already exists") from None
+        with self._write() as conn:
+            conn.execute(
+                f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING",
+                astuple(d),
+            )
 
     @_sqlite_errors
     def claim_due_deliveries(self, now: float, lease_s: float, limit: int) -> list[Delivery]:

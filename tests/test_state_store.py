@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -391,8 +392,6 @@ def test_delivery_round_trips_and_updates(store):
     d = delivery("msg_1", next_attempt_at=50.0)
     store.add_delivery(d)
     assert store.get_delivery("msg_1") == d
-    with pytest.raises(StateStoreError):
-        store.add_delivery(d)
     assert store.update_delivery(
         "msg_1", attempts=1, next_attempt_at=80.0, status="pending", last_error="5xx"
     )
@@ -406,6 +405,19 @@ def test_delivery_round_trips_and_updates(store):
     assert store.claim_due_deliveries(now=1e12, lease_s=30, limit=10) == []  # delivered: never again
     assert store.get_delivery("nope") is None
     assert not store.update_delivery("nope", attempts=1, next_attempt_at=1, status="failed", last_error="x")
+
+
+def test_adding_a_delivery_twice_keeps_the_first(store):
+    first = delivery("msg_twice", next_attempt_at=50.0)
+    store.add_delivery(first)
+    store.update_delivery("msg_twice", attempts=1, next_attempt_at=90.0, status="pending", last_error="5xx")
+    again = replace(first, url="https://elsewhere.example/h", next_attempt_at=10.0)
+    store.add_delivery(again)  # a second enqueue of the same message: no error, no change
+
+    kept = store.get_delivery("msg_twice")
+    assert (kept.url, kept.attempts, kept.next_attempt_at, kept.last_error) == (first.url, 1, 90.0, "5xx")
+    assert store.claim_due_deliveries(now=60.0, lease_s=30, limit=10) == []  # not due at the copy's time
+    assert [d.id for d in store.claim_due_deliveries(now=90.0, lease_s=30, limit=10)] == ["msg_twice"]
 
 
 def test_claimed_deliveries_are_leased_to_one_claimer(store):

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
 import socket
 import ssl
-import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import uvicorn
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
+from webhook_receiver import Receiver, running_receiver, serve_in_thread
 
 from server.records import Delivery
 from server.settings import Settings
@@ -39,68 +32,10 @@ SECRET = new_webhook_secret()
 RESPONSE_LIMIT = 64 * 1024
 
 
-class Receiver:
-    """A webhook receiver on a loopback port; /hook/{behaviour} answers as the name says."""
-
-    def __init__(self):
-        self.calls: list[dict] = []
-        self.counts: dict[tuple, int] = defaultdict(int)
-        self.streamed_bytes = 0
-        self.app = Starlette(routes=[Route("/hook/{behaviour}", self.hook, methods=["POST"])])
-
-    async def hook(self, request: Request) -> Response:
-        behaviour = request.path_params["behaviour"]
-        body = await request.body()
-        message = (behaviour, request.headers.get("webhook-id"))
-        self.counts[message] += 1
-        self.calls.append({"behaviour": behaviour, "headers": dict(request.headers), "body": body})
-        if behaviour == "fail-once" and self.counts[message] == 1:
-            return Response("try again", status_code=500)
-        if behaviour == "always-500":
-            return Response("broken", status_code=500)
-        if behaviour == "redirect":
-            return Response(status_code=302, headers={"location": "/hook/redirect-target"})
-        if behaviour == "slow":
-            await asyncio.sleep(2.0)
-        if behaviour == "huge":
-            return StreamingResponse(self._endless(), media_type="application/octet-stream")
-        return Response("ok")
-
-    async def _endless(self):
-        chunk = b"x" * 65536
-        while True:  # only a client that stops reading ends this
-            self.streamed_bytes += len(chunk)
-            yield chunk
-            await asyncio.sleep(0)
-
-    def bodies(self, behaviour: str) -> list[dict]:
-        return [call for call in self.calls if call["behaviour"] == behaviour]
-
-
-def serve_in_thread(app, **ssl_files) -> tuple[uvicorn.Server, threading.Thread, int]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", **ssl_files)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    return server, thread, port
-
-
 @pytest.fixture(scope="module")
 def receiver():
-    receiver = Receiver()
-    server, thread, port = serve_in_thread(receiver.app)
-    receiver.base = f"http://127.0.0.1:{port}"
-    receiver.port = port
-    yield receiver
-    server.should_exit = True
-    thread.join(5)
+    with running_receiver() as receiver:
+        yield receiver
 
 
 @pytest.fixture

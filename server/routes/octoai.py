@@ -17,6 +17,10 @@ ASYNC_TRUE = {"1", "true", "yes"}
 AsyncHeader = Annotated[
     str | None, Header(description="`1`: return at once with a poll URL (async inference)")
 ]
+WebhookHeader = Annotated[
+    str | None,
+    Header(description="async only: an http(s) URL to POST a signed message to when the job ends"),
+]
 
 
 def _errors(*codes: int, **described: str) -> dict:
@@ -42,15 +46,21 @@ def _errors(*codes: int, **described: str) -> dict:
     responses={
         202: {"model": AsyncAccepted, "description": "Accepted for async inference (`X-OctoAI-Async: 1`)"},
         **_errors(401, 413, 415, 429, 500, 503, 504),
+        422: {"description": "A bad field, or an `X-OctoFlux-Webhook-Url` the server will not call"},
     },
     summary="Generate images with FLUX.1-dev (text-to-image, image-to-image, inpainting)",
 )
 async def generate_flux_dev(
-    body: GenerateRequest, request: Request, service: Service, x_octoai_async: AsyncHeader = None
+    body: GenerateRequest,
+    request: Request,
+    service: Service,
+    x_octoai_async: AsyncHeader = None,
+    x_octoflux_webhook_url: WebhookHeader = None,
 ):
     fields: dict = request.state.log
     is_async = (x_octoai_async or "").strip().lower() in ASYNC_TRUE
     fields["api"] = "async" if is_async else "sync"
+    webhook_url = await service.check_webhook(x_octoflux_webhook_url, is_async)
     spec = await service.prepare(body)
     fields.update(
         mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)
@@ -61,7 +71,13 @@ async def generate_flux_dev(
     request_id = request.state.request_id
     if is_async:
         record = await service.start_async(
-            spec, encoding=encoding, owner=request_owner(request), request_id=request_id, log_fields=fields
+            spec,
+            encoding=encoding,
+            owner=request_owner(request),
+            request_id=request_id,
+            log_fields=fields,
+            webhook_url=webhook_url,
+            result_url=lambda job_id: absolute_url(request, "response_result", response_id=job_id),
         )
         poll_url = absolute_url(request, "poll_response", response_id=record.id)
         return JSONResponse(
