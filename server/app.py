@@ -13,7 +13,7 @@ from server.codec import configure_pillow
 from server.engine_factory import EngineFactory, build_engine
 from server.http_errors import install_error_handlers
 from server.requestlog import RequestContext
-from server.routes import assets, health, octoai
+from server.routes import assets, health, octoai, openai
 from server.service import GenerationService
 from server.settings import Settings
 
@@ -47,6 +47,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(octoai.router)
     app.include_router(assets.router)
+    app.include_router(openai.router)
     app.add_middleware(
         BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20), exempt=assets.is_upload_path
     )
