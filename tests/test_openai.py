@@ -26,7 +26,7 @@ FAST = {"steps": STEPS}  # the `steps` extension keeps the tiny model quick
 
 @pytest.fixture(scope="module")
 def server(server_factory):
-    with server_factory(api_keys=KEY) as live:
+    with server_factory(api_keys=KEY, warmup=False) as live:
         yield live
 
 
