@@ -14,7 +14,7 @@ from server.cors import install_cors
 from server.engine_factory import EngineFactory, build_engine
 from server.http_errors import install_error_handlers
 from server.requestlog import RequestContext
-from server.routes import assets, events, health, octoai, playground
+from server.routes import assets, events, health, octoai, openai, playground
 from server.service import GenerationService
 from server.settings import Settings
 
@@ -50,6 +50,7 @@ def create_app(
     app.include_router(octoai.router)
     app.include_router(events.router)
     app.include_router(assets.router)
+    app.include_router(openai.router)
     app.include_router(playground.router)
     app.add_middleware(
         BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20), exempt=assets.is_upload_path

@@ -19,6 +19,7 @@ PNG_MAX_TEXT_MEMORY = 8 * 2**20
 # compress_level=1 costs ~20% less CPU than Pillow's default 6 for ~4% larger files.
 PNG_COMPRESS_LEVEL = 1
 JPEG_QUALITY = 90
+WEBP_QUALITY = 90
 
 _encode_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
 
@@ -113,6 +114,8 @@ def encode_image(image: Image.Image, encoding: str) -> str:
     buffer = io.BytesIO()
     if encoding == "jpeg":
         image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    elif encoding == "webp":  # lossy, as OpenAI's default webp
+        image.save(buffer, format="WEBP", quality=WEBP_QUALITY)
     else:
         image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return base64.b64encode(buffer.getbuffer()).decode("ascii")

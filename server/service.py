@@ -10,19 +10,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.engine import Engine, GenerationResult, GenerationSpec
+from pipelines.family import FAMILIES, Family
 from pipelines.loras import LoraError, LoraLibrary, read_lora
-from server import metrics
+from server import metrics, served_family
 from server.asset_store import AssetStore
 from server.async_jobs import HEARTBEAT_EVERY_S, AsyncJobs
 from server.codec import encode_images
@@ -44,6 +47,7 @@ from server.jobs import Job, JobQueue, new_job
 from server.prepare import ImageLimits, build_spec, check_loras
 from server.progress import ProgressEvent, final_event
 from server.records import CANCELLED, COMPLETED, FAILED, FINAL, JobRecord
+from server.result_links import ResultLinks
 from server.schemas import GenerateRequest, GenerateResponse, ImageGeneration
 from server.settings import Settings
 from server.state_store import StateStoreError, open_state_store
@@ -200,10 +204,59 @@ class GenerationService:
     async def prepare(self, request: GenerateRequest, **decoded: Image.Image | None) -> GenerationSpec:
         """The request as a spec (images decoded off the event loop); `InvalidField` if unusable."""
         self.check_accepting()
-        spec = await run_in_threadpool(build_spec, request, self.limits, **decoded)
+        family = self.engine.family_info
+        served_family.check_family_fields(family, request, **decoded)
+        spec = await run_in_threadpool(
+            build_spec, request, self.limits, default_steps=family.default_steps, **decoded
+        )
         serves_loras = self.engine is not None and self.engine.loras is not None
         check_loras(spec.loras, self.library if serves_loras else None)
         return spec
+
+    @property
+    def family(self) -> Family | None:
+        """What this server serves: the loaded engine's family, or the one its settings name (None: not
+        known until the model has loaded)."""
+        if self.engine is not None:
+            return self.engine.family_info
+        return FAMILIES.get(self._configured_family) if self._configured_family else None
+
+    @cached_property
+    def _configured_family(self) -> str | None:
+        return served_family.configured_family(self.settings.model)
+
+    def check_serves(self, model_id: str) -> Family:
+        """`NotFound` saying what is served if it is not `model_id`; `NotReady` while that is unknown."""
+        family = self.family
+        if family is None:
+            self.check_accepting()
+            raise NotReady("model is still loading", retry_after=LOADING_RETRY_AFTER)
+        if family.model_id != model_id:
+            raise served_family.not_served(model_id, family.model_id)
+        return family
+
+    # ------------------------------------------------------------------ result links (OpenAI's "url")
+
+    @cached_property
+    def links(self) -> ResultLinks:
+        return ResultLinks(int(self.settings.max_result_mb * 2**20))
+
+    def link_images(self, job_id: str, images: list[bytes], media_type: str) -> list[str]:
+        """One unguessable token per image, valid for `--result-ttl` without the API key."""
+        expires_at = time.time() + self.settings.result_ttl
+        self.links.put_images(job_id, images, media_type, expires_at)
+        tokens = [secrets.token_urlsafe(32) for _ in images]
+        for index, token in enumerate(tokens):
+            self.links.put_link(token, job_id, index, expires_at)
+        return tokens
+
+    def linked_image(self, token: str) -> tuple[bytes, str]:
+        """(image bytes, media type); `NotFound` for a wrong or expired link."""
+        found = self.links.get_link(token)
+        image = self.links.get_image(*found) if found is not None else None
+        if image is None:
+            raise NotFound("no such image: the link is wrong or has expired")
+        return image
 
     def submit(self, spec: GenerationSpec, *, api: str, request_id: str, timeout: float | None) -> Job:
         self.check_accepting()
@@ -489,7 +542,10 @@ def _too_large(max_bytes: int) -> str:
 def octoai_response(result: GenerationResult, spec: GenerationSpec, encoding: str) -> GenerateResponse:
     encoded = encode_images(result.images, encoding)
     images = [
-        ImageGeneration(image_b64=b64, seed=seed) for b64, seed in zip(encoded, spec.seeds, strict=True)
+        ImageGeneration(image_b64=b64, seed=seed, removed_for_safety=removed, safety_score=score)
+        for b64, seed, removed, score in zip(
+            encoded, spec.seeds, result.removed_for_safety, result.safety_scores, strict=True
+        )
     ]
     return GenerateResponse(images=images, prediction_time_ms=result.seconds * 1000)
 

@@ -1,4 +1,5 @@
-"""OctoAI's dialect: `POST /generate/flux-dev` (sync and async) and the async poll/result/cancel URLs."""
+"""OctoAI's dialect: `POST /generate/flux-dev` and `/generate/flux-schnell` (sync and async; a server
+answers the one of the family it serves) and the async poll/result/cancel URLs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
+from pipelines.family import FLUX_DEV, FLUX_SCHNELL
 from server.auth import require_bearer
 from server.routes.deps import Service, absolute_url, client_gone, request_owner
 from server.schemas import AsyncAccepted, AsyncStatus, ErrorDetail, GenerateRequest, GenerateResponse
-from server.service import AsyncView
+from server.service import AsyncView, GenerationService
 
 router = APIRouter(dependencies=[Depends(require_bearer)])
 ASYNC_TRUE = {"1", "true", "yes"}
@@ -40,14 +42,28 @@ def _errors(*codes: int, **described: str) -> dict:
     }
 
 
+def serves(model_id: str):
+    """A dependency: 404 naming the served model unless this server serves `model_id` (checked before the
+    body, so the answer does not depend on it)."""
+
+    def check(service: Service) -> None:
+        service.check_serves(model_id)
+
+    return Depends(check)
+
+
+GENERATE_RESPONSES: dict = {
+    202: {"model": AsyncAccepted, "description": "Accepted for async inference (`X-OctoAI-Async: 1`)"},
+    **_errors(401, 404, 413, 415, 429, 500, 503, 504, s404="This server serves the other FLUX.1 model"),
+    422: {"description": "A bad field, or an `X-OctoFlux-Webhook-Url` the server will not call"},
+}
+
+
 @router.post(
     "/generate/flux-dev",
     response_model=GenerateResponse,
-    responses={
-        202: {"model": AsyncAccepted, "description": "Accepted for async inference (`X-OctoAI-Async: 1`)"},
-        **_errors(401, 413, 415, 429, 500, 503, 504),
-        422: {"description": "A bad field, or an `X-OctoFlux-Webhook-Url` the server will not call"},
-    },
+    responses=GENERATE_RESPONSES,
+    dependencies=[serves(FLUX_DEV)],
     summary="Generate images with FLUX.1-dev (text-to-image, image-to-image, inpainting)",
 )
 async def generate_flux_dev(
@@ -57,10 +73,34 @@ async def generate_flux_dev(
     x_octoai_async: AsyncHeader = None,
     x_octoflux_webhook_url: WebhookHeader = None,
 ):
+    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url)
+
+
+@router.post(
+    "/generate/flux-schnell",
+    response_model=GenerateResponse,
+    responses=GENERATE_RESPONSES,
+    dependencies=[serves(FLUX_SCHNELL)],
+    summary="Generate images with FLUX.1-schnell (text-to-image only; 4 steps by default)",
+)
+async def generate_flux_schnell(
+    body: GenerateRequest,
+    request: Request,
+    service: Service,
+    x_octoai_async: AsyncHeader = None,
+    x_octoflux_webhook_url: WebhookHeader = None,
+):
+    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url)
+
+
+async def _generate(
+    body: GenerateRequest, request: Request, service: GenerationService, async_header, webhook_header
+):
+    """Both families' route: sync answers the body, async (`X-OctoAI-Async: 1`) a poll URL."""
     fields: dict = request.state.log
-    is_async = (x_octoai_async or "").strip().lower() in ASYNC_TRUE
+    is_async = (async_header or "").strip().lower() in ASYNC_TRUE
     fields["api"] = "async" if is_async else "sync"
-    webhook_url = await service.check_webhook(x_octoflux_webhook_url, is_async)
+    webhook_url = await service.check_webhook(webhook_header, is_async)
     spec = await service.prepare(body)
     fields.update(
         mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)

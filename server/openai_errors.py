@@ -1,0 +1,101 @@
+"""OpenAI's error shape for the `/v1/images/*` and `/v1/models` routes.
+
+`{"error": {"message", "type", "param", "code"}}`, with OpenAI's statuses: every bad value is a 400
+(never FastAPI's 422), a bad key a 401, a full queue a 429 with `Retry-After`. The routes use
+`OpenAIRoute`, which renders whatever the route raises (validation, auth, the service's domain
+errors via `server.errors.problem`) here instead of in the app-wide OctoAI handlers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.engine import GenerationFailed
+from pipelines.loras import LoraError
+from server.errors import JobCancelled, Problem, ServiceError, problem
+
+# The OctoAI field a service error names -> the OpenAI parameter the caller sent.
+PARAMS = {
+    "num_images": "n",
+    "init_image": "image",
+    "mask_image": "mask",
+    "cfg_scale": "guidance",
+    "width": "size",
+    "height": "size",
+}
+CODES = {
+    "validation": "invalid_value",
+    "queue_full": "rate_limit_exceeded",
+    "unauthorized": "invalid_api_key",
+}
+
+
+def error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"  # OpenAI's type for 400, 401 and 404 alike
+
+
+def openai_error(request: Request, found: Problem, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    log = getattr(request.state, "log", None)
+    if log is not None:
+        log["error"] = found.kind
+    status = 400 if found.status == 422 else found.status
+    error = {
+        "message": found.message,
+        "type": error_type(status),
+        "param": PARAMS.get(found.field, found.field) if found.field else None,
+        "code": CODES.get(found.kind, found.kind),
+    }
+    headers = dict(headers or {})
+    if found.retry_after:
+        headers["Retry-After"] = str(found.retry_after)
+    return JSONResponse(status_code=status, content={"error": error}, headers=headers or None)
+
+
+def validation_problem(errors: list[dict]) -> Problem:
+    """The first pydantic error as OpenAI words it, naming the parameter."""
+    err = errors[0] if errors else {}
+    loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+    param = loc[0] if loc else None
+    kind = str(err.get("type", ""))
+    message = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return Problem(400, "unknown_parameter", f"Unrecognized request argument supplied: {param}", param)
+    if kind == "missing":
+        return Problem(400, "missing_required_parameter", f"Missing required parameter: '{param}'.", param)
+    if param is None:
+        if kind == "model_attributes_type":
+            message = "the request body must be a JSON object"
+        return Problem(400, "invalid_request", message)
+    if kind == "json_invalid":
+        return Problem(400, "invalid_json", f"the body is not valid JSON: {message}")
+    return Problem(400, "invalid_value", f"Invalid value for '{param}': {message}", param)
+
+
+class OpenAIRoute(APIRoute):
+    """An APIRoute whose errors, raised anywhere while serving it, come back in OpenAI's shape."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def serve(request: Request):
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return openai_error(request, validation_problem(list(exc.errors())))
+            except (HTTPException, StarletteHTTPException) as exc:
+                kind = "unauthorized" if exc.status_code == 401 else "invalid_request"
+                return openai_error(request, Problem(exc.status_code, kind, str(exc.detail)), exc.headers)
+            except (ServiceError, GenerationFailed, LoraError, JobCancelled) as exc:
+                return openai_error(request, problem(exc))
+
+        return serve

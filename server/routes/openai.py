@@ -1,0 +1,174 @@
+"""OpenAI's Images API on the same service as the OctoAI routes: `POST /v1/images/generations`,
+`POST /v1/images/edits`, `GET /v1/models`, and the keyless links of `response_format: "url"`.
+
+A second thin adapter: requests become the OctoAI route's `GenerateRequest` and go through the same
+`GenerationService.prepare`/`generate` (queue, limits, seeds, safety); only shapes differ. Errors are
+rendered by `OpenAIRoute` (server/openai_errors.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from pipelines.family import Family
+from server.auth import require_bearer
+from server.errors import InvalidField
+from server.openai_errors import OpenAIRoute
+from server.openai_images import read_image, read_mask
+from server.openai_schemas import (
+    MEDIA_TYPES,
+    ImageData,
+    ImageEditForm,
+    ImageGenerateRequest,
+    ImageOptions,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+)
+from server.routes.deps import Service, absolute_url, client_gone
+from server.schemas import GenerateResponse
+from server.service import GenerationService
+
+router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI Images API"])
+AUTHORIZED = [Depends(require_bearer)]
+OWNED_BY = "octoflux"
+STARTED = int(time.time())  # `created` of the served model: when this process started serving it
+ERRORS: dict = {
+    status: {"model": OpenAIError, "description": text}
+    for status, text in {
+        400: "A bad value; `param` names it",
+        401: "Missing or invalid bearer token",
+        429: "Queue full; retry after `Retry-After` seconds",
+        503: "Loading or shutting down",
+    }.items()
+}
+
+
+@router.get("/v1/models", dependencies=AUTHORIZED, response_model=ModelList, responses=ERRORS)
+async def list_models(service: Service) -> ModelList:
+    """The model this server serves (`flux-dev` or `flux-schnell`); empty while that is not known yet."""
+    family = service.family
+    cards = [ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)] if family else []
+    return ModelList(data=cards)
+
+
+@router.post(
+    "/v1/images/generations",
+    dependencies=AUTHORIZED,
+    response_model=ImagesResponse,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+    summary="Create images from a prompt (OpenAI's images.generate)",
+)
+async def create_images(body: ImageGenerateRequest, request: Request, service: Service):
+    _served_family(service, body.model)
+    return await _generate(body, body.as_octoai(), request, service)
+
+
+@router.post(
+    "/v1/images/edits",
+    dependencies=AUTHORIZED,
+    response_model=ImagesResponse,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+    summary="Edit an image (OpenAI's images.edit): inpainting with a mask, image-to-image without",
+)
+async def edit_images(form: Annotated[ImageEditForm, Form()], request: Request, service: Service):
+    family = _served_family(service, form.model)
+    if not family.image_inputs:
+        raise InvalidField("image", f"{family.model_id} is text-to-image only: use /v1/images/generations")
+    init, mask = await _read_uploads(form, service)
+    return await _generate(form, form.as_octoai(form.strength), request, service, init=init, mask=mask)
+
+
+@router.get(
+    "/v1/images/results/{token}",
+    name="image_link",
+    response_class=Response,
+    responses={
+        200: {"content": {m: {} for m in MEDIA_TYPES.values()}},
+        404: {"model": OpenAIError, "description": "Wrong or expired link"},
+    },
+    summary="A generated image behind an unguessable link (`response_format: url`); no key needed",
+)
+async def image_link(token: str, service: Service) -> Response:
+    image, media_type = service.linked_image(token)
+    return Response(image, media_type=media_type, headers={"Cache-Control": "private, no-transform"})
+
+
+def _served_family(service: GenerationService, model: str | None) -> Family:
+    family = service.family
+    if family is None:  # not known before the model loads: this says loading (or why it failed)
+        service.check_accepting()
+        family = service.family
+    if model is not None and model != family.model_id:
+        raise InvalidField("model", f"unknown model {model!r}; this server serves: {family.model_id}")
+    return family
+
+
+async def _read_uploads(
+    form: ImageEditForm, service: GenerationService
+) -> tuple[Image.Image, Image.Image | None]:
+    images = form.images()
+    if len(images) != 1:
+        raise InvalidField("image", f"send exactly one image to edit (got {len(images)})")
+    image = await run_in_threadpool(read_image, await images[0].read(), service.limits)
+    if form.mask is None:
+        return image, None
+    mask = await run_in_threadpool(read_mask, await form.mask.read(), service.limits, image.size)
+    return image, mask
+
+
+async def _generate(
+    options: ImageOptions, octoai, request: Request, service: GenerationService, **decoded: Image.Image | None
+) -> ImagesResponse:
+    fields: dict = request.state.log
+    fields["api"] = "openai"
+    spec = await service.prepare(octoai, **decoded)
+    fields.update(
+        mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)
+    )
+    result = await service.generate(
+        spec,
+        encoding=options.encoding,
+        request_id=request.state.request_id,
+        client_gone=client_gone(request),
+        log_fields=fields,
+    )
+    if options.response_format == "url":
+        data = _linked(
+            result, options, request, service, job_id=fields.get("job_id", request.state.request_id)
+        )
+    else:
+        data = [_image(item, b64_json=item.image_b64) for item in result.images]
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=options.encoding,
+        size=f"{spec.width}x{spec.height}",
+    )
+
+
+def _linked(
+    result: GenerateResponse, options: ImageOptions, request: Request, service: GenerationService, job_id: str
+) -> list[ImageData]:
+    images = [base64.b64decode(item.image_b64) for item in result.images]
+    tokens = service.link_images(job_id, images, MEDIA_TYPES[options.encoding])
+    return [
+        _image(item, url=absolute_url(request, "image_link", token=token))
+        for item, token in zip(result.images, tokens, strict=True)
+    ]
+
+
+def _image(item, **content: str) -> ImageData:
+    return ImageData(
+        **content, seed=item.seed, removed_for_safety=item.removed_for_safety, safety_score=item.safety_score
+    )
