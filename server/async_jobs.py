@@ -12,9 +12,12 @@ heartbeat failing a lost replica's jobs) calls `on_final` once: that is where we
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 from server.errors import DELETED, WORKER_LOST
@@ -24,6 +27,9 @@ from server.state_store import StateStore
 from server.step_events import StepPublisher
 
 log = logging.getLogger(__name__)
+
+# The owner of stored link images: not a sha256 hex digest, so no token's owner key equals it.
+LINKS_OWNER = "links"
 
 # A replica that has not heartbeated for this long is taken for dead and its jobs are failed.
 HEARTBEAT_EVERY_S = 2.0
@@ -131,3 +137,29 @@ class AsyncJobs:
     def _forget(self, job_id: str) -> Job | None:
         with self._lock:
             return self._live.pop(job_id, None)
+
+    # Keyless links to images (OpenAI's `response_format: url`): the images are stored as a finished
+    # job owned by LINKS_OWNER, which no bearer token hashes to, so only the links reach them.
+
+    def store_links(self, tokens: list[str], result, media_type: str, request_id: str) -> None:
+        holder = f"links_{uuid.uuid4().hex}"
+        now = time.time()
+        record = JobRecord(
+            id=holder, owner=LINKS_OWNER, request_id=request_id, created_at=now, replica=self.replica
+        )
+        body = json.dumps({"media_type": media_type, "images": [item.image_b64 for item in result.images]})
+        self.store.create_job(record)
+        self.store.finish_job(holder, "completed", body=body.encode())
+        for index, token in enumerate(tokens):
+            self.store.put_link(token, holder, index, now + self.ttl_s)
+
+    def linked_image(self, token: str) -> tuple[bytes, str] | None:
+        found = self.store.get_link(token)
+        record = self.store.get_job(found[0]) if found is not None else None
+        if record is None or record.owner != LINKS_OWNER or self._expired(record):
+            return None
+        body = self.store.get_body(record.id)
+        if body is None:
+            return None
+        stored = json.loads(body)
+        return base64.b64decode(stored["images"][found[1]]), stored["media_type"]

@@ -47,7 +47,6 @@ from server.jobs import Job, JobQueue, new_job
 from server.prepare import ImageLimits, build_spec, check_loras
 from server.progress import ProgressEvent, final_event
 from server.records import CANCELLED, COMPLETED, FAILED, FINAL, JobRecord
-from server.result_links import ResultLinks
 from server.schemas import GenerateRequest, GenerateResponse, ImageGeneration
 from server.settings import Settings
 from server.state_store import StateStoreError, open_state_store
@@ -237,23 +236,19 @@ class GenerationService:
 
     # ------------------------------------------------------------------ result links (OpenAI's "url")
 
-    @cached_property
-    def links(self) -> ResultLinks:
-        return ResultLinks(int(self.settings.max_result_mb * 2**20))
+    async def link_images(self, result: GenerateResponse, media_type: str, request_id: str) -> list[str]:
+        """One unguessable token per image, valid for `--result-ttl` without the API key.
 
-    def link_images(self, job_id: str, images: list[bytes], media_type: str) -> list[str]:
-        """One unguessable token per image, valid for `--result-ttl` without the API key."""
-        expires_at = time.time() + self.settings.result_ttl
-        self.links.put_images(job_id, images, media_type, expires_at)
-        tokens = [secrets.token_urlsafe(32) for _ in images]
-        for index, token in enumerate(tokens):
-            self.links.put_link(token, job_id, index, expires_at)
+        The images are kept in the state store like an async result (owned by no token, so no poll
+        URL reads them), so every replica serves the links.
+        """
+        tokens = [secrets.token_urlsafe(32) for _ in result.images]
+        await asyncio.to_thread(self.async_jobs.store_links, tokens, result, media_type, request_id)
         return tokens
 
-    def linked_image(self, token: str) -> tuple[bytes, str]:
+    async def linked_image(self, token: str) -> tuple[bytes, str]:
         """(image bytes, media type); `NotFound` for a wrong or expired link."""
-        found = self.links.get_link(token)
-        image = self.links.get_image(*found) if found is not None else None
+        image = await asyncio.to_thread(self.async_jobs.linked_image, token)
         if image is None:
             raise NotFound("no such image: the link is wrong or has expired")
         return image

@@ -17,7 +17,6 @@ from PIL import Image
 
 from server.openai_images import read_mask
 from server.prepare import ImageLimits
-from server.result_links import ResultLinks
 
 KEY = "test-key"
 SIZE = "512x512"
@@ -140,7 +139,7 @@ def test_wrong_or_expired_link_is_404(server, client):
     )
     assert httpx.get(url).status_code == 200
     later = time.time() + server.settings.result_ttl + 1
-    server.service.links.sweep(now=later)
+    server.service.async_jobs.store.sweep(server.settings.result_ttl, now=later)
     assert httpx.get(url).status_code == 404
 
 
@@ -313,12 +312,19 @@ def test_queue_full_is_rate_limit_error_with_retry_after(full_server, control):
 # --- pure parts ---------------------------------------------------------------------------------
 
 
-def test_result_links_expire_and_drop_the_oldest_images_past_the_budget():
-    links = ResultLinks(max_bytes=10)
-    links.put_images("a", [b"123456"], "image/png", expires_at=100.0)
-    links.put_link("ta", "a", 0, expires_at=100.0)
-    assert links.get_link("ta", now=50.0) == ("a", 0)
-    assert links.get_image("a", 0) == (b"123456", "image/png")
-    links.put_images("b", [b"123456"], "image/png", expires_at=200.0)  # over 10 bytes: "a" goes
-    assert links.get_image("a", 0) is None and links.get_image("b", 0) is not None
-    assert links.get_link("ta", now=100.0) is None  # expired
+def test_result_links_live_in_the_state_store_and_expire_with_the_ttl(tmp_path):
+    from server.async_jobs import AsyncJobs
+    from server.schemas import GenerateResponse, ImageGeneration
+    from server.state_store import open_state_store
+
+    url = f"sqlite:///{tmp_path}/state.db"
+    jobs = AsyncJobs(open_state_store(url), replica="r1", ttl_s=0.2)
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    result = GenerateResponse(images=[ImageGeneration(image_b64=png, seed=1)], prediction_time_ms=1.0)
+    jobs.store_links(["tok"], result, "image/png", "req")
+    other_replica = AsyncJobs(open_state_store(url), replica="r2", ttl_s=0.2)
+    assert other_replica.linked_image("tok") == (b"\x89PNG fake", "image/png")
+    assert other_replica.get(jobs.store.get_link("tok")[0], None) is None  # no poll URL reaches it
+    assert jobs.linked_image("nope") is None
+    time.sleep(0.3)
+    assert jobs.linked_image("tok") is None

@@ -8,7 +8,6 @@ rendered by `OpenAIRoute` (server/openai_errors.py).
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import Annotated
 
@@ -100,7 +99,7 @@ async def edit_images(form: Annotated[ImageEditForm, Form()], request: Request, 
     summary="A generated image behind an unguessable link (`response_format: url`); no key needed",
 )
 async def image_link(token: str, service: Service) -> Response:
-    image, media_type = service.linked_image(token)
+    image, media_type = await service.linked_image(token)
     return Response(image, media_type=media_type, headers={"Cache-Control": "private, no-transform"})
 
 
@@ -144,9 +143,7 @@ async def _generate(
         log_fields=fields,
     )
     if options.response_format == "url":
-        data = _linked(
-            result, options, request, service, job_id=fields.get("job_id", request.state.request_id)
-        )
+        data = await _linked(result, options, request, service)
     else:
         data = [_image(item, b64_json=item.image_b64) for item in result.images]
     return ImagesResponse(
@@ -157,11 +154,10 @@ async def _generate(
     )
 
 
-def _linked(
-    result: GenerateResponse, options: ImageOptions, request: Request, service: GenerationService, job_id: str
+async def _linked(
+    result: GenerateResponse, options: ImageOptions, request: Request, service: GenerationService
 ) -> list[ImageData]:
-    images = [base64.b64decode(item.image_b64) for item in result.images]
-    tokens = service.link_images(job_id, images, MEDIA_TYPES[options.encoding])
+    tokens = await service.link_images(result, MEDIA_TYPES[options.encoding], request.state.request_id)
     return [
         _image(item, url=absolute_url(request, "image_link", token=token))
         for item, token in zip(result.images, tokens, strict=True)
