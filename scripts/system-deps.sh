@@ -30,7 +30,7 @@ fi
 
 echo "system-deps: installing$missing with apt-get"
 if $as_root apt-get update -qq && $as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends $missing >/dev/null; then
+        apt-get install -y -qq $missing >/dev/null; then
     exit 0
 fi
 echo "system-deps: apt-get could not install$missing: the $skipped tests will skip"
