@@ -39,3 +39,12 @@ def client_gone(request: Request):
             pass
 
     return wait
+
+
+def log_spec(fields: dict, spec, with_prompt: bool) -> None:
+    """What the request's log line says of the work; the prompt only when the client asked."""
+    fields.update(
+        mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)
+    )
+    if with_prompt:
+        fields["prompt"] = spec.prompt

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pipelines.family import FLUX_DEV, FLUX_SCHNELL
 from server.auth import require_bearer
-from server.routes.deps import Service, absolute_url, client_gone, request_owner
+from server.routes.deps import Service, absolute_url, client_gone, log_spec, request_owner
 from server.schemas import AsyncAccepted, AsyncStatus, ErrorDetail, GenerateRequest, GenerateResponse
 from server.service import AsyncView, GenerationService
 
@@ -102,11 +102,7 @@ async def _generate(
     fields["api"] = "async" if is_async else "sync"
     webhook_url = await service.check_webhook(webhook_header, is_async)
     spec = await service.prepare(body)
-    fields.update(
-        mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)
-    )
-    if body.log_prompt:
-        fields["prompt"] = spec.prompt
+    log_spec(fields, spec, with_prompt=bool(body.log_prompt))
     encoding = body.image_encoding or "png"
     request_id = request.state.request_id
     if is_async:

@@ -32,7 +32,7 @@ from server.openai_schemas import (
     ModelList,
     OpenAIError,
 )
-from server.routes.deps import Service, absolute_url, client_gone
+from server.routes.deps import Service, absolute_url, client_gone, log_spec
 from server.schemas import GenerateResponse
 from server.service import GenerationService
 
@@ -132,9 +132,7 @@ async def _generate(
     fields: dict = request.state.log
     fields["api"] = "openai"
     spec = await service.prepare(octoai, **decoded)
-    fields.update(
-        mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)
-    )
+    log_spec(fields, spec, with_prompt=False)
     result = await service.generate(
         spec,
         encoding=options.encoding,
