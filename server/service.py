@@ -86,9 +86,9 @@ class GenerationService:
         self._draining = threading.Event()
         self.jobs = JobQueue(settings.max_queue)
         self.library = LoraLibrary(settings.lora_dir)
-        self.assets = AssetStore(self.library, settings.lora_upload_ttl_s)
         self.replica = uuid.uuid4().hex[:12]
         self.state = open_state_store(settings.resolved_state_url)
+        self.assets = AssetStore(self.library, settings.lora_upload_ttl_s, self.state)
         self.async_jobs = AsyncJobs(self.state, self.replica, settings.result_ttl)
         self.async_jobs.heartbeat()  # before any job of ours is stored, or it would look orphaned
         self.limits = ImageLimits(int(settings.max_image_mb * 2**20), settings.max_image_pixels)

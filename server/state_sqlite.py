@@ -266,6 +266,20 @@ class SqliteStateStore(StateStore):
             )
 
     @_sqlite_errors
+    def create_asset(self, record: dict, live_statuses: set[str]) -> bool:
+        with self._write() as conn:
+            same_name = [
+                (asset_id, json.loads(raw))
+                for asset_id, raw in conn.execute("SELECT id, record FROM assets")
+                if json.loads(raw).get("name") == record["name"]
+            ]
+            if any(other.get("status") in live_statuses for _, other in same_name):
+                return False
+            conn.executemany("DELETE FROM assets WHERE id = ?", [(asset_id,) for asset_id, _ in same_name])
+            conn.execute("INSERT INTO assets (id, record) VALUES (?, ?)", (record["id"], json.dumps(record)))
+        return True
+
+    @_sqlite_errors
     def get_asset(self, asset_id: str) -> dict | None:
         row = self._conn().execute("SELECT record FROM assets WHERE id = ?", (asset_id,)).fetchone()
         return json.loads(row[0]) if row else None

@@ -116,6 +116,14 @@ class StateStore(ABC):
     def put_asset(self, asset_id: str, record: dict) -> None: ...
 
     @abstractmethod
+    def create_asset(self, record: dict, live_statuses: set[str]) -> bool:
+        """Store a new record unless another one of the same `name` has a status in live_statuses.
+
+        Atomic across replicas: of two creates of one name exactly one returns True. Records of the
+        name in other statuses (rejected, deleted) are removed: the new one supersedes them.
+        """
+
+    @abstractmethod
     def get_asset(self, asset_id: str) -> dict | None: ...
 
     @abstractmethod
