@@ -269,6 +269,8 @@ class RedisStateStore(StateStore):
         deliveries = [i.decode() for i in self.client.zrangebyscore(done, "-inf", f"({cutoff!r}")]
         beats = self.client.hgetall(self._key("replicas"))
         stale = [name for name, beat in beats.items() if float(beat) < cutoff]
+        loads = self.client.hgetall(self._key("replica_loads"))
+        stale_loads = [name for name, raw in loads.items() if json.loads(raw)[0] < cutoff]
         with self.client.pipeline() as pipe:  # MULTI/EXEC
             for job_id in ids:
                 pipe.delete(self._key("job", job_id), self._key("body", job_id), self._key("events", job_id))
@@ -280,6 +282,8 @@ class RedisStateStore(StateStore):
                 pipe.zrem(done, *deliveries)
             if stale:
                 pipe.hdel(self._key("replicas"), *stale)
+            if stale_loads:
+                pipe.hdel(self._key("replica_loads"), *stale_loads)
             pipe.execute()
         return len(ids)
 
@@ -295,6 +299,21 @@ class RedisStateStore(StateStore):
         keys = [self._key("jobs", "active"), self._key("replicas"), self._key("jobs", "finished")]
         args = [now - lease_s, now, reason, self._key("job", ""), ORPHAN_ERROR_STATUS]
         return [i.decode() for i in self._fail_orphans(keys=keys, args=args)]
+
+    @_redis_errors
+    def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.client.hset(self._key("replica_loads"), replica, json.dumps([now, load]))
+
+    @_redis_errors
+    def replica_loads(self, max_age_s: float, now: float | None = None) -> dict[str, dict]:
+        now = time.time() if now is None else now
+        loads = {}
+        for name, raw in self.client.hgetall(self._key("replica_loads")).items():
+            at, load = json.loads(raw)
+            if at >= now - max_age_s:
+                loads[name.decode()] = load
+        return loads
 
     # ------------------------------------------------------------ cancellation
 

@@ -94,6 +94,14 @@ class StateStore(ABC):
     def fail_orphans(self, lease_s: float, reason: str, now: float | None = None) -> list[str]:
         """Fail pending/running jobs whose replica has not heartbeated within lease_s (or never did)."""
 
+    @abstractmethod
+    def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:
+        """What a replica reports about itself (queue depth, jobs in flight, readiness), timestamped."""
+
+    @abstractmethod
+    def replica_loads(self, max_age_s: float, now: float | None = None) -> dict[str, dict]:
+        """The last report of each replica that reported within max_age_s, by replica."""
+
     # ------------------------------------------------------------ cancellation
     @abstractmethod
     def request_cancel(self, job_id: str) -> bool:

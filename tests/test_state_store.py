@@ -412,6 +412,16 @@ def test_two_replicas_creating_one_name_exactly_one_wins(open_store):
     assert [a["id"] for a in stores[1].list_assets()] == [f"a{created.index(True)}"]
 
 
+def test_replica_loads_are_the_latest_recent_report_of_each_replica(store):
+    store.put_replica_load("r1", {"queue_depth": 1, "in_flight": 1}, now=1000.0)
+    store.put_replica_load("r1", {"queue_depth": 3, "in_flight": 1}, now=1001.0)
+    store.put_replica_load("r2", {"queue_depth": 0, "in_flight": 0}, now=990.0)
+    assert store.replica_loads(5.0, now=1002.0) == {"r1": {"queue_depth": 3, "in_flight": 1}}
+    assert set(store.replica_loads(20.0, now=1002.0)) == {"r1", "r2"}
+    store.sweep(5.0, now=1002.0)
+    assert set(store.replica_loads(1e9, now=1002.0)) == {"r1"}
+
+
 # ---------------------------------------------------------------- webhook deliveries
 
 
