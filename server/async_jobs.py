@@ -49,6 +49,8 @@ class AsyncJobs:
             self._live[job.id] = job
         self.store.create_job(record)
         job.start_listeners.append(lambda started: self.store.mark_running(started.id))
+        if job.started_at is not None:  # the worker took it before the listener was there
+            self.store.mark_running(job.id)
         return record
 
     def get(self, job_id: str, owner: str | None) -> JobRecord | None:

@@ -42,6 +42,13 @@ def _serve_parser(sub) -> None:
     serve.add_argument("--results-dir", type=Path, help="where spilled async results go")
     serve.add_argument("--public-url", help="base URL for async poll/response URLs")
     serve.add_argument("--warmup-sizes", help="comma-separated WxH sizes warmed (and compiled) before ready")
+    scale = serve.add_argument_group("more than one GPU (Ray Serve; server/replicas.py)")
+    scale.add_argument("--replicas", help="a number, or 'auto' (one per GPU); default 1: no Ray")
+    scale.add_argument("--ray-address", help="join this Ray cluster instead of starting one")
+    scale.add_argument("--min-replicas", type=int, help="autoscaling: the fewest replicas")
+    scale.add_argument("--max-replicas", type=int, help="autoscaling: the most replicas")
+    serve.add_argument("--state-url", help="sqlite:///PATH/state.db or redis://HOST:PORT/DB")
+    serve.add_argument("--state-dir", type=Path, help="folder of the default SQLite state store")
     perf = serve.add_argument_group("speed and memory modes (pipelines/optimize.py)")
     perf.add_argument("--optimize", choices=["none", "compile", "fp8", "cache"])
     perf.add_argument("--cache-threshold", type=float, help="step-cache threshold for --optimize cache")
@@ -65,11 +72,26 @@ def serve(settings: Settings) -> None:
     from server.shutdown import GracefulServer
 
     settings.check_auth_exposure()
+    check_state_store(settings)
+    if settings.uses_ray:
+        from server.replicas import serve_replicas
+
+        return serve_replicas(settings)
     configure_access_log()
     app = create_app(settings)
     # uvicorn's own access log would be a second, unstructured line per request.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
     GracefulServer(config, app).run()
+
+
+def check_state_store(settings: Settings) -> None:
+    """A bad --state-url stops the server before anything starts, with one line."""
+    from server.state_store import StateStoreError, open_state_store
+
+    try:
+        open_state_store(settings.resolved_state_url).close()
+    except StateStoreError as exc:
+        raise SystemExit(f"octoflux: {exc}") from None
 
 
 TINY_VARIANTS = ("dev", "schnell", "safety-checker")

@@ -108,6 +108,22 @@ class Settings(BaseSettings):
     max_lora_mb: float = 2048.0
     lora_upload_ttl_s: float = Field(3600.0, description="how long an asset upload (PUT) URL stays valid")
 
+    # More than one GPU: the same app as a Ray Serve deployment (server/replicas.py).
+    replicas: str = Field(
+        "1",
+        description="model replicas: a number, or 'auto' (one per visible GPU); 1 is a single process "
+        "without Ray, more run on Ray Serve (pip install '.[ray]')",
+    )
+    ray_address: str = Field(
+        "", description="join this Ray cluster (e.g. 'auto' or 'head:6379') instead of starting one"
+    )
+    min_replicas: int = Field(
+        0, ge=0, description="with --max-replicas: the fewest replicas autoscaling keeps (default 1)"
+    )
+    max_replicas: int = Field(
+        0, ge=0, description="autoscale on ongoing requests per replica up to this many (0: a fixed count)"
+    )
+
     # Webhooks for async jobs (server/webhooks.py, docs/webhooks.md).
     webhook_secret: str = Field(
         "",
@@ -125,6 +141,18 @@ class Settings(BaseSettings):
     @property
     def resolved_state_url(self) -> str:
         return self.state_url or f"sqlite:///{self.state_dir.resolve()}/state.db"
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.replicas != "1" or bool(self.ray_address) or self.max_replicas > 0
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_count(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            raise ValueError(f"replicas must be a number >= 1 or 'auto', not {value!r}")
+        return value
 
     @property
     def api_key_list(self) -> list[str]:
