@@ -139,7 +139,7 @@ def build(args: dict):
     """Application builder for `serveConfigV2` (KubeRay): settings from OCTOFLUX_* env and `args`."""
     import ray
 
-    settings = Settings(**args)
+    settings = Settings(**{k: str(v) if k == "replicas" else v for k, v in args.items()})
     return application(settings, replica_count(settings, ray.cluster_resources().get("GPU", 0)))
 
 
