@@ -72,7 +72,7 @@ def run_one(args, replicas: int, workdir: Path) -> dict:
 
         def one(i: int) -> tuple[int, float, str | None]:
             t0 = time.monotonic()
-            response = httpx.post(f"{url}/generate/flux-dev", json={**body, "seed": i}, timeout=600)
+            response = httpx.post(f"{url}/generate/flux-dev", json={**body, "seed": i + 1}, timeout=600)
             return response.status_code, time.monotonic() - t0, response.headers.get("x-octoflux-replica")
 
         with ThreadPoolExecutor(args.concurrency) as pool:  # warm every replica's first request

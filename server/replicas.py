@@ -194,12 +194,14 @@ def serve_replicas(settings: Settings) -> None:
         log.info("received %s: draining every replica", signal.Signals(signum).name)
         stopping.set()
 
+    started_ray = init_ray(settings.ray_address or None)
+    # After ray.init, which installs a SIGTERM handler of its own that aborts the process.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    started_ray = init_ray(settings.ray_address or None)
     try:
-        start(settings)
-        log.info("octoflux: replicas serving on http://%s:%s", settings.host, settings.port)
+        if not stopping.is_set():
+            start(settings)
+            log.info("octoflux: replicas serving on http://%s:%s", settings.host, settings.port)
         while not stopping.wait(1.0):
             pass
     except RuntimeError as exc:  # Serve could not deploy (e.g. the model does not load)
