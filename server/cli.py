@@ -131,6 +131,17 @@ def preflight(settings: Settings) -> None:
         )
 
 
+def check_state_store(settings: Settings) -> None:
+    """A bad --state-url stops the server before anything starts, with one line."""
+    from server.state_store import StateStoreError, open_state_store
+
+    try:
+        open_state_store(settings.resolved_state_url).close()
+    except StateStoreError as exc:
+        print(f"octoflux: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -139,6 +150,11 @@ def serve(settings: Settings) -> None:
     settings.check_auth_exposure()
     configure_logging(settings)
     preflight(settings)
+    check_state_store(settings)
+    if settings.uses_ray:
+        from server.replicas import serve_replicas
+
+        return serve_replicas(settings)
     from server.app import create_app
     from server.requestlog import configure_access_log
     from server.shutdown import GracefulServer

@@ -1,4 +1,4 @@
-"""ASGI middleware: an X-Request-ID on every response and one JSON log line per request.
+"""ASGI middleware: an X-Request-ID and an X-OctoFlux-Replica on every response, one JSON log line each.
 
 Handlers add fields to the line with `request.state.log.update(...)`; `error` names the kind of
 failure, which is also counted in `octoflux_errors`.
@@ -19,6 +19,8 @@ access_log = logging.getLogger("octoflux.access")
 log = logging.getLogger(__name__)
 
 HEADER = b"x-request-id"
+# Which replica (process) answered: an opaque id, so operators can see how requests spread.
+REPLICA_HEADER = b"x-octoflux-replica"
 # A caller's id is echoed only if it is short and plain: it ends up in logs and headers.
 VALID_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
 # Probes and scrapes are logged at DEBUG so they do not drown the request log.
@@ -46,6 +48,12 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     return uuid.uuid4().hex
 
 
+def replica_of(scope) -> str | None:
+    """The replica id of the app's service (Starlette puts the app in the scope before middleware)."""
+    service = getattr(getattr(scope.get("app"), "state", None), "service", None)
+    return getattr(service, "replica", None)
+
+
 def error_kind(status: int, fields: dict) -> str | None:
     if status < 400:
         return None
@@ -60,6 +68,10 @@ class RequestContext:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_id = request_id_from(scope.get("headers", []))
+        ids = [(HEADER, request_id.encode())]
+        replica = replica_of(scope)
+        if replica:
+            ids.append((REPLICA_HEADER, replica.encode()))
         fields: dict = {}
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
@@ -73,7 +85,7 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message = {**message, "headers": [*message.get("headers", []), (HEADER, request_id.encode())]}
+                message = {**message, "headers": [*message.get("headers", []), *ids]}
             await send(message)
 
         try:

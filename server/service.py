@@ -93,9 +93,9 @@ class GenerationService:
         self._draining = threading.Event()
         self.jobs = JobQueue(settings.max_queue)
         self.library = LoraLibrary(settings.lora_dir)
-        self.assets = AssetStore(self.library, settings.lora_upload_ttl_s)
         self.replica = uuid.uuid4().hex[:12]
         self.state = open_state_store(settings.resolved_state_url)
+        self.assets = AssetStore(self.library, settings.lora_upload_ttl_s, self.state)
         # Sends from the shared store: deliveries survive a restart, and any live replica sends them.
         self.webhooks = (
             WebhookDispatcher(

@@ -47,6 +47,7 @@ GROUPS = {
     "safety": "safety checker",
     "webhooks": "webhooks",
     "browser": "browsers (playground, CORS)",
+    "replicas": "more than one GPU (Ray Serve; server/replicas.py)",
 }
 
 
@@ -216,6 +217,31 @@ class Settings(BaseSettings):
         json_schema_extra=group("safety"),
     )
 
+    # More than one GPU: the same app as a Ray Serve deployment (server/replicas.py).
+    replicas: str = Field(
+        "1",
+        description="model replicas: a number, or 'auto' (one per visible GPU); 1 is a single process "
+        "without Ray, more run on Ray Serve (pip install '.[ray]')",
+        json_schema_extra=group("replicas"),
+    )
+    ray_address: str = Field(
+        "",
+        description="join this Ray cluster (e.g. 'auto' or 'head:6379') instead of starting one",
+        json_schema_extra=group("replicas"),
+    )
+    min_replicas: int = Field(
+        0,
+        ge=0,
+        description="with --max-replicas: the fewest replicas autoscaling keeps (default 1)",
+        json_schema_extra=group("replicas"),
+    )
+    max_replicas: int = Field(
+        0,
+        ge=0,
+        description="autoscale on ongoing requests per replica up to this many (0: a fixed count)",
+        json_schema_extra=group("replicas"),
+    )
+
     # Webhooks for async jobs (server/webhooks.py, docs/webhooks.md).
     webhook_secret: str = Field(
         "",
@@ -251,6 +277,18 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip()]
+
+    @property
+    def uses_ray(self) -> bool:
+        return self.replicas != "1" or bool(self.ray_address) or self.max_replicas > 0
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_count(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            raise ValueError(f"replicas must be a number >= 1 or 'auto', not {value!r}")
+        return value
 
     @property
     def api_key_list(self) -> list[str]:

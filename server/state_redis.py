@@ -81,6 +81,29 @@ redis.call('RPUSH', KEYS[2], seq .. ' ' .. ARGV[1])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
 return seq
 """
+# KEYS: assets set. ARGV: new id, encoded record, name, asset key prefix, live statuses...
+_LUA_CREATE_ASSET = """
+local live = {}
+for i = 5, #ARGV do live[ARGV[i]] = true end
+local superseded = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local raw = redis.call('GET', ARGV[4] .. id)
+  if raw then
+    local other = cjson.decode(raw)
+    if other['name'] == ARGV[3] then
+      if live[other['status']] then return 0 end
+      superseded[#superseded + 1] = id
+    end
+  end
+end
+for _, id in ipairs(superseded) do
+  redis.call('DEL', ARGV[4] .. id)
+  redis.call('SREM', KEYS[1], id)
+end
+redis.call('SET', ARGV[4] .. ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
 # KEYS: due zset. ARGV: now, lease end, limit, delivery key prefix. Returns the claimed hashes.
 _LUA_CLAIM = """
 local claimed = {}
@@ -188,6 +211,7 @@ class RedisStateStore(StateStore):
         self._cancel = register(_LUA_CANCEL)
         self._append_event = register(_LUA_APPEND_EVENT)
         self._claim = register(_LUA_CLAIM)
+        self._create_asset = register(_LUA_CREATE_ASSET)
         self._update_delivery = register(_LUA_UPDATE_DELIVERY)
 
     def _key(self, *parts: str) -> str:
@@ -245,6 +269,8 @@ class RedisStateStore(StateStore):
         deliveries = [i.decode() for i in self.client.zrangebyscore(done, "-inf", f"({cutoff!r}")]
         beats = self.client.hgetall(self._key("replicas"))
         stale = [name for name, beat in beats.items() if float(beat) < cutoff]
+        loads = self.client.hgetall(self._key("replica_loads"))
+        stale_loads = [name for name, raw in loads.items() if json.loads(raw)[0] < cutoff]
         with self.client.pipeline() as pipe:  # MULTI/EXEC
             for job_id in ids:
                 pipe.delete(self._key("job", job_id), self._key("body", job_id), self._key("events", job_id))
@@ -256,6 +282,8 @@ class RedisStateStore(StateStore):
                 pipe.zrem(done, *deliveries)
             if stale:
                 pipe.hdel(self._key("replicas"), *stale)
+            if stale_loads:
+                pipe.hdel(self._key("replica_loads"), *stale_loads)
             pipe.execute()
         return len(ids)
 
@@ -271,6 +299,21 @@ class RedisStateStore(StateStore):
         keys = [self._key("jobs", "active"), self._key("replicas"), self._key("jobs", "finished")]
         args = [now - lease_s, now, reason, self._key("job", ""), ORPHAN_ERROR_STATUS]
         return [i.decode() for i in self._fail_orphans(keys=keys, args=args)]
+
+    @_redis_errors
+    def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.client.hset(self._key("replica_loads"), replica, json.dumps([now, load]))
+
+    @_redis_errors
+    def replica_loads(self, max_age_s: float, now: float | None = None) -> dict[str, dict]:
+        now = time.time() if now is None else now
+        loads = {}
+        for name, raw in self.client.hgetall(self._key("replica_loads")).items():
+            at, load = json.loads(raw)
+            if at >= now - max_age_s:
+                loads[name.decode()] = load
+        return loads
 
     # ------------------------------------------------------------ cancellation
 
@@ -309,6 +352,12 @@ class RedisStateStore(StateStore):
             pipe.set(self._key("asset", asset_id), json.dumps(record))
             pipe.sadd(self._key("assets"), asset_id)
             pipe.execute()
+
+    @_redis_errors
+    def create_asset(self, record: dict, live_statuses: set[str]) -> bool:
+        args = [record["id"], json.dumps(record), record["name"], self._key("asset", "")]
+        args += sorted(live_statuses)
+        return bool(self._create_asset(keys=[self._key("assets")], args=args))
 
     @_redis_errors
     def get_asset(self, asset_id: str) -> dict | None:

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL, seq INTEGER NOT NULL, event TEXT NOT NULL, PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS replicas (name TEXT PRIMARY KEY, beat REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS replica_loads (name TEXT PRIMARY KEY, at REAL NOT NULL, load TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS assets (id TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS deliveries (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL, url TEXT NOT NULL, payload BLOB NOT NULL,
@@ -191,6 +192,7 @@ class SqliteStateStore(StateStore):
             ).rowcount
             conn.execute("DELETE FROM deliveries WHERE status != 'pending' AND created_at < ?", (cutoff,))
             conn.execute("DELETE FROM replicas WHERE beat < ?", (cutoff,))
+            conn.execute("DELETE FROM replica_loads WHERE at < ?", (cutoff,))
         return count
 
     # ------------------------------------------------------------ replicas
@@ -220,6 +222,22 @@ class SqliteStateStore(StateStore):
                 [(FAILED, reason, ORPHAN_ERROR_STATUS, now, job_id) for job_id in ids],
             )
         return ids
+
+    @_sqlite_errors
+    def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO replica_loads (name, at, load) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET at = excluded.at, load = excluded.load",
+                (replica, now, json.dumps(load)),
+            )
+
+    @_sqlite_errors
+    def replica_loads(self, max_age_s: float, now: float | None = None) -> dict[str, dict]:
+        now = time.time() if now is None else now
+        rows = self._conn().execute("SELECT name, load FROM replica_loads WHERE at >= ?", (now - max_age_s,))
+        return {name: json.loads(load) for name, load in rows}
 
     # ------------------------------------------------------------ cancellation
 
@@ -264,6 +282,20 @@ class SqliteStateStore(StateStore):
             conn.execute(
                 "INSERT OR REPLACE INTO assets (id, record) VALUES (?, ?)", (asset_id, json.dumps(record))
             )
+
+    @_sqlite_errors
+    def create_asset(self, record: dict, live_statuses: set[str]) -> bool:
+        with self._write() as conn:
+            same_name = [
+                (asset_id, json.loads(raw))
+                for asset_id, raw in conn.execute("SELECT id, record FROM assets")
+                if json.loads(raw).get("name") == record["name"]
+            ]
+            if any(other.get("status") in live_statuses for _, other in same_name):
+                return False
+            conn.executemany("DELETE FROM assets WHERE id = ?", [(asset_id,) for asset_id, _ in same_name])
+            conn.execute("INSERT INTO assets (id, record) VALUES (?, ?)", (record["id"], json.dumps(record)))
+        return True
 
     @_sqlite_errors
     def get_asset(self, asset_id: str) -> dict | None:

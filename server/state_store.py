@@ -94,6 +94,14 @@ class StateStore(ABC):
     def fail_orphans(self, lease_s: float, reason: str, now: float | None = None) -> list[str]:
         """Fail pending/running jobs whose replica has not heartbeated within lease_s (or never did)."""
 
+    @abstractmethod
+    def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:
+        """What a replica reports about itself (queue depth, jobs in flight, readiness), timestamped."""
+
+    @abstractmethod
+    def replica_loads(self, max_age_s: float, now: float | None = None) -> dict[str, dict]:
+        """The last report of each replica that reported within max_age_s, by replica."""
+
     # ------------------------------------------------------------ cancellation
     @abstractmethod
     def request_cancel(self, job_id: str) -> bool:
@@ -114,6 +122,14 @@ class StateStore(ABC):
     # ------------------------------------------------------------ assets
     @abstractmethod
     def put_asset(self, asset_id: str, record: dict) -> None: ...
+
+    @abstractmethod
+    def create_asset(self, record: dict, live_statuses: set[str]) -> bool:
+        """Store a new record unless another one of the same `name` has a status in live_statuses.
+
+        Atomic across replicas: of two creates of one name exactly one returns True. Records of the
+        name in other statuses (rejected, deleted) are removed: the new one supersedes them.
+        """
 
     @abstractmethod
     def get_asset(self, asset_id: str) -> dict | None: ...

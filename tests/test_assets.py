@@ -224,12 +224,13 @@ def test_two_concurrent_sdk_uploads(live, files):
 
 
 def test_assets_survive_a_restart_and_hand_placed_files_are_listed(server_factory, files, tmp_path):
-    folder = tmp_path / "loras"
-    with server_factory(api_keys=KEY, lora_dir=folder, warmup=False) as live:
+    folder, state = tmp_path / "loras", tmp_path / "state"
+    with server_factory(api_keys=KEY, lora_dir=folder, state_dir=state, warmup=False) as live:
         library = live.client(KEY).asset_library
         asset = library.create_from_file(str(files["style"]), data=lora_data(), name="kept")
     save_raw(make_lora(31), folder / "by-hand.safetensors")
-    with server_factory(api_keys=KEY, lora_dir=folder, warmup=False) as live:
+    assert not (folder / ".assets.json").exists()  # records live in the state store, not the folder
+    with server_factory(api_keys=KEY, lora_dir=folder, state_dir=state, warmup=False) as live:
         client = live.client(KEY)
         assert client.asset_library.get("kept").asset.id == asset.id
         by_hand = client.asset_library.get("by-hand").asset
@@ -255,3 +256,30 @@ def test_concurrent_complete_upload_of_one_asset_publishes_once_and_never_500s(l
         thread.join(60)
     assert sorted(statuses)[0] == 200 and set(statuses) <= {200, 409}, statuses
     assert httpx.get(f"{live.url}/v1/assets/{asset_id}", headers=AUTH).json()["asset"]["status"] == "ready"
+
+
+def test_two_replicas_share_records_names_and_validation_claims(tmp_path, files):
+    from pipelines.loras import LoraLibrary
+    from server.asset_store import AssetConflict, AssetStore
+    from server.state_store import open_state_store
+
+    url = f"sqlite:///{tmp_path}/state.db"
+    stores = [open_state_store(url), open_state_store(url)]
+    a, b = (AssetStore(LoraLibrary(tmp_path / "loras"), 60, store) for store in stores)
+    created, token = a.create("shared", "", LORA_DATA)
+    assert [x["id"] for x in b.all()] == [created["id"]]
+    with pytest.raises(AssetConflict, match="already exists"):
+        b.create("shared", "", LORA_DATA)
+    b.authorize(created["id"], token)
+    b.begin_upload(created["id"])
+    temp = b.temp_file(created["id"])
+    temp.write_bytes(files["style"].read_bytes())
+    b.finish_upload(created["id"], temp, temp.stat().st_size)
+    a.begin_validation(created["id"])
+    with pytest.raises(AssetConflict, match="being validated"):
+        b.begin_validation(created["id"])
+    assert b.find("shared")["status"] == "uploaded"  # clients never see the stored "validating"
+    a.publish(created["id"])
+    assert b.find(created["id"])["status"] == "ready"
+    for store in stores:
+        store.close()

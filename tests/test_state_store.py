@@ -385,6 +385,44 @@ def test_two_replicas_cannot_validate_one_upload_twice(open_store):
     assert stores[1].get_asset("a") == {"id": "a", "status": "validating", "by": winners[0]}
 
 
+LIVE = {"ready_to_upload", "uploading", "uploaded", "validating", "ready"}
+
+
+def test_create_asset_refuses_a_live_name_and_supersedes_dead_ones(store):
+    assert store.create_asset({"id": "a1", "name": "style", "status": "ready_to_upload"}, LIVE) is True
+    assert store.create_asset({"id": "a2", "name": "style", "status": "ready_to_upload"}, LIVE) is False
+    assert store.create_asset({"id": "b1", "name": "other", "status": "ready_to_upload"}, LIVE) is True
+    assert [a["id"] for a in store.list_assets()] == ["a1", "b1"]
+    store.update_asset("a1", None, {"status": "rejected"})
+    assert store.create_asset({"id": "a3", "name": "style", "status": "ready_to_upload"}, LIVE) is True
+    assert store.get_asset("a1") is None  # the rejected record of the name is gone
+    assert [a["id"] for a in store.list_assets()] == ["a3", "b1"]
+
+
+def test_two_replicas_creating_one_name_exactly_one_wins(open_store):
+    stores = [open_store(), open_store()]
+    barrier = threading.Barrier(6)
+
+    def create(n: int) -> bool:
+        barrier.wait()
+        return stores[n % 2].create_asset({"id": f"a{n}", "name": "same", "status": "ready_to_upload"}, LIVE)
+
+    with ThreadPoolExecutor(6) as pool:
+        created = list(pool.map(create, range(6)))
+    assert created.count(True) == 1
+    assert [a["id"] for a in stores[1].list_assets()] == [f"a{created.index(True)}"]
+
+
+def test_replica_loads_are_the_latest_recent_report_of_each_replica(store):
+    store.put_replica_load("r1", {"queue_depth": 1, "in_flight": 1}, now=1000.0)
+    store.put_replica_load("r1", {"queue_depth": 3, "in_flight": 1}, now=1001.0)
+    store.put_replica_load("r2", {"queue_depth": 0, "in_flight": 0}, now=990.0)
+    assert store.replica_loads(5.0, now=1002.0) == {"r1": {"queue_depth": 3, "in_flight": 1}}
+    assert set(store.replica_loads(20.0, now=1002.0)) == {"r1", "r2"}
+    store.sweep(5.0, now=1002.0)
+    assert set(store.replica_loads(1e9, now=1002.0)) == {"r1"}
+
+
 # ---------------------------------------------------------------- webhook deliveries
 
 

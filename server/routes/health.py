@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -15,7 +17,14 @@ router = APIRouter()
 async def healthz(service: Service):
     # Liveness only: a failed model load is a readiness problem (/readyz says why), and
     # restarting the process would not fix a wrong --model.
-    return {"status": "ok", "ready": service.ready, "load_error": service.load_error}
+    # replica and pid: which process answered (with several replicas, the tests kill one by pid).
+    return {
+        "status": "ok",
+        "ready": service.ready,
+        "load_error": service.load_error,
+        "replica": service.replica,
+        "pid": os.getpid(),
+    }
 
 
 @router.get("/readyz", summary="Readiness: 200 once the pipeline is loaded and warmed, 503 while draining")
