@@ -149,8 +149,8 @@ def serve(settings: Settings) -> None:
 
     settings.check_auth_exposure()
     configure_logging(settings)
-    preflight(settings)
     check_state_store(settings)
+    preflight(settings)
     if settings.uses_ray:
         from server.replicas import serve_replicas
 
