@@ -44,6 +44,8 @@ def sample(name: str):
         return "::1", "::1"
     if name == "webhook_secret":
         return SAMPLE_SECRET, SAMPLE_SECRET
+    if name == "replicas":
+        return "auto", "auto"
     if name in ("state_url",):
         return "redis://127.0.0.1:6399/0", "redis://127.0.0.1:6399/0"
     for kind, value in SAMPLES.items():
