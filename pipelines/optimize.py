@@ -47,8 +47,11 @@ QUALITY_COST = {
     "quantize=int8": "lossy: int8 weights (bf16 compute)",
     "quantize=nf4": "lossy: 4-bit NormalFloat weights",
 }
-# torch.compile specialises on shapes: one graph per (size, batch) pre-warmed, with room to spare.
+# Static shapes specialise one graph per (size, batch); room for every supported size x batch.
 RECOMPILE_LIMIT = 64
+# Whether the compiled blocks take the image-token and batch dimensions as symbolic sizes
+# (one graph serves every size) or specialise a graph per shape (see docs/performance.md).
+DYNAMIC_SHAPES = True
 
 
 class OptimizationError(ValueError):
@@ -106,7 +109,9 @@ def check_combination(optimize: str, offload: str, quantize: str) -> None:
         )
 
 
-def apply_optimizations(pipe, settings, device: torch.device | None = None) -> Applied:
+def apply_optimizations(
+    pipe, settings, device: torch.device | None = None, *, dynamic_shapes: bool = DYNAMIC_SHAPES
+) -> Applied:
     """Apply `settings.optimize`, `.offload` and `.attention_backend` to a loaded pipeline, in place."""
     check_combination(settings.optimize, settings.offload, settings.quantize)
     device = device or pipe.transformer.device
@@ -128,7 +133,7 @@ def apply_optimizations(pipe, settings, device: torch.device | None = None) -> A
     if settings.optimize != "none":
         # The step cache decides on the host between blocks (a graph break), so only its
         # absence allows fullgraph.
-        compile_transformer(transformer, fullgraph=settings.optimize != "cache")
+        compile_transformer(transformer, fullgraph=settings.optimize != "cache", dynamic=dynamic_shapes)
         applied.compiled = True
     if settings.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -172,8 +177,7 @@ def compile_transformer(transformer, fullgraph: bool = True, **compile_kwargs) -
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     else:  # torch < 2.6
         config.cache_size_limit = max(config.cache_size_limit, RECOMPILE_LIMIT)
-    # dynamic=False: one specialised graph per pre-warmed shape beats one dynamic graph for all.
-    compile_kwargs.setdefault("dynamic", False)
+    compile_kwargs.setdefault("dynamic", DYNAMIC_SHAPES)
     transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)
 
 
