@@ -167,7 +167,9 @@ def markdown(results: dict) -> str:
         f"`{results['meta']['command']}`",
         "",
         "| option | sizes x batches warmed | graphs compiled (warm-up) | time to ready s | graphs compiled "
-        "by requests | worst first/second | ms/step " + " | ".join(results["options"][0]["ms_per_step"]) + " |",
+        "by requests | worst first/second | ms/step "
+        + " | ".join(results["options"][0]["ms_per_step"])
+        + " |",
         "|---|---|---|---|---|---|" + "---|" * len(options[0]["ms_per_step"]),
     ]
     for o in options:

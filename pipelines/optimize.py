@@ -202,13 +202,37 @@ def _in_transformer_blocks(module: torch.nn.Module, name: str) -> bool:
     )
 
 
-def quantize_fp8_dynamic(transformer, device: torch.device) -> None:
+def quantize_fp8_dynamic(transformer, device: torch.device) -> int:
     """float8 e4m3 activations and weights, per-row scales, for the linears in the blocks."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise OptimizationError("--optimize fp8 needs an NVIDIA GPU of compute capability 8.9 or newer")
+    return quantize_block_linears(transformer, fp8_dynamic_config())
+
+
+def fp8_dynamic_config():
     ao = _torchao()
-    config = ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow())
+    return ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow())
+
+
+def quantize_block_linears(transformer, config) -> int:
+    """Quantize the blocks' attention and MLP linears with a torchao config; returns how many.
+
+    LoRA slots (PEFT) wrap a targeted linear as `base_layer` plus `lora_A`/`lora_B` factors: the
+    base is quantized like any other linear, the factors stay in the compute dtype so that
+    hot-swapping copies plain weights into them. Checked here, since a quantized factor would
+    make every later swap fail.
+    """
+    ao = _torchao()
+    chosen = [name for name, module in transformer.named_modules() if _in_transformer_blocks(module, name)]
     ao.quantize_(transformer, config, filter_fn=_in_transformer_blocks)
+    for name, module in transformer.named_modules():
+        if (
+            ".lora_" in name
+            and isinstance(module, torch.nn.Linear)
+            and type(module.weight) is not torch.nn.Parameter
+        ):
+            raise OptimizationError(f"LoRA slot factor {name} was quantized; slots must stay unquantized")
+    return len(chosen)
 
 
 def quantize_weights(module: torch.nn.Module, kind: str) -> None:

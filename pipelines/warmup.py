@@ -76,16 +76,23 @@ def warm_up(
     batches: Iterable[int] = (1,),
     steps: int = 2,
     *,
+    batches_at_every_size: bool | None = None,
     image_modes: bool = True,
     on_run: Callable[[WarmupRun], None] | None = None,
 ) -> WarmupReport:
-    """Text-to-image at every size x batch, then img2img and inpaint once at the largest size.
+    """Text-to-image at every size (batch 1), then every batch size, then img2img and inpaint once.
 
-    Every shape the compiled transformer will see is traced here, so a warmed shape's first
-    request costs what its second does. A shape not warmed still works: it compiles on its
-    first request.
+    Batch sizes above 1 run at the largest size only when the compiled blocks take dynamic
+    shapes (one graph then serves every size at that batch), at every size otherwise
+    (`batches_at_every_size`, default: not `pipelines.optimize.DYNAMIC_SHAPES`). So a warmed
+    shape's first request costs what its second does; a shape not warmed still works, and
+    compiles on its first request if it needs a new graph.
     """
-    report = WarmupReport(sizes=warmup_order(sizes), batches=sorted(set(batches)))
+    if batches_at_every_size is None:
+        from pipelines.optimize import DYNAMIC_SHAPES
+
+        batches_at_every_size = not DYNAMIC_SHAPES
+    report = WarmupReport(sizes=warmup_order(sizes), batches=sorted(set(batches) | {1}))
     if not report.sizes:
         return report
     started, compiled_before = time.perf_counter(), compile_count()
@@ -107,8 +114,10 @@ def warm_up(
 
     base = dict(prompt=WARMUP_PROMPT, steps=steps, guidance=WARMUP_GUIDANCE)
     last_clean: GenerationSpec | None = None
-    for width, height in report.sizes:
+    for index, (width, height) in enumerate(report.sizes):
         for batch in report.batches:
+            if batch > 1 and index > 0 and not batches_at_every_size:
+                continue
             spec = GenerationSpec(**base, width=width, height=height, seeds=list(range(1, batch + 1)))
             done = run(spec)
             if batch == 1 and done.compiles == 0:
@@ -129,3 +138,10 @@ def warm_up(
     report.compiles = compile_count() - compiled_before
     log.info("%s", report.summary())
     return report
+
+
+def warm_up_from_settings(engine: Engine, settings) -> WarmupReport:
+    """`--warmup-sizes`, `--warmup-batches` and `--warmup-steps`; an empty report with `--no-warmup`."""
+    if not settings.warmup:
+        return WarmupReport()
+    return warm_up(engine, settings.warmup_size_list, settings.warmup_batch_list, settings.warmup_steps)

@@ -21,9 +21,9 @@ def noisy(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Im
     rng = np.random.default_rng(seed)
     array = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
     # A smooth ramp under the noise, so that filters and runs are exercised too.
-    array[: height // 2] = (np.arange(width, dtype=np.uint16)[None, :, None] * 255 // max(1, width - 1)).astype(
-        np.uint8
-    )
+    array[: height // 2] = (
+        np.arange(width, dtype=np.uint16)[None, :, None] * 255 // max(1, width - 1)
+    ).astype(np.uint8)
     return Image.fromarray(array, mode)
 
 
@@ -54,7 +54,7 @@ def test_png_keeps_alpha_and_other_modes_fall_back_to_pillow(encoder):
 
 def test_the_server_encodes_with_fpng_when_it_is_importable():
     expected = "fpng" if importlib.util.find_spec("fpng") is not None else "pillow"
-    assert PNG_ENCODER == expected
+    assert expected == PNG_ENCODER
     image = noisy(65, 33)
     (b64,) = encode_images([image], "png")
     assert b64 == encode_image(image, "png")
