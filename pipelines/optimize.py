@@ -24,6 +24,7 @@ only) quarters them. Lossy: fp8/int8 weight-only are close to bf16, nf4 visibly 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -304,7 +305,24 @@ def enable_step_cache(transformer, threshold: float) -> StepCounter:
         return computed
 
     hook._should_compute_remaining_blocks = counted
+    _default_cache_context(transformer, hook.state_manager)
     return counter
+
+
+def _default_cache_context(transformer, state_manager) -> None:
+    """FluxPipeline names the cache context of its denoiser call; diffusers' img2img and inpaint
+    pipelines do not, and First Block Cache refuses to run without one. Their calls get the
+    context text-to-image uses."""
+    forward = transformer.forward
+
+    @functools.wraps(forward)
+    def forward_in_context(*args, **kwargs):
+        if state_manager._context is not None:
+            return forward(*args, **kwargs)
+        with transformer.cache_context("cond"):
+            return forward(*args, **kwargs)
+
+    transformer.forward = forward_in_context
 
 
 def warmup_shapes(sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -27,6 +27,8 @@ def test_harness_smoke_runs_pipeline_and_server_levels_and_writes_reports(tiny_c
     none, cache, fp8 = results["modes"]
     assert [row["shape"] for row in none["shapes"]] == ["512x512 b1", "512x512 b2"]
     assert all(row["speedup"] == 1.0 for row in none["shapes"])
+    assert none["time_to_ready_s"] > none["build_s"] and none["warmup_compiles"] == 0  # eager: no graphs
+    assert "| none |" in (out / "results.md").read_text().split("## Time to ready")[1]
     for row in cache["shapes"]:
         assert row["speedup"] > 0 and row["tflop_per_step"] > 0
         assert 1 <= row["steps_computed"] <= 3

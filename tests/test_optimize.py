@@ -156,6 +156,23 @@ def test_step_cache_skips_steps_and_counts_them(tiny_pipe):
         assert (applied.step_counter.computed, applied.step_counter.skipped) == (1, 4)
 
 
+def test_step_cache_serves_img2img_and_inpaint_too(tiny_pipe):
+    """diffusers' img2img and inpaint pipelines set no cache context; First Block Cache needs one."""
+    from PIL import Image
+
+    counter = enable_step_cache(tiny_pipe.transformer, threshold=1e9)
+    engine = Engine(tiny_pipe)
+    init = Image.new("RGB", (256, 256), (90, 140, 200))
+    mask = Image.new("L", (256, 256), 255)
+    for extra in (
+        {"init_image": init, "strength": 1.0},
+        {"init_image": init, "mask_image": mask, "strength": 1.0},
+    ):
+        counter.reset()
+        assert len(engine.generate(spec(steps=4, **extra)).images) == 1
+        assert (counter.computed, counter.skipped) == (1, 3)
+
+
 def test_cancelled_run_leaves_no_step_cache_state_behind(tiny_pipe):
     from pipelines.engine import GenerationCancelled
 
