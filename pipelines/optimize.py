@@ -4,7 +4,8 @@
   none     eager bf16, the reference. Lossless.
   compile  fused QKV projections, the fastest attention backend available, channels-last VAE,
            and regional torch.compile of the repeated transformer blocks (19 double + 38 single
-           blocks share two compiled graphs, so compiling takes about a minute, not ten).
+           blocks share two compiled graphs, so compiling takes about a minute, not ten), with
+           dynamic shapes: one graph pair serves every image size (see pipelines/warmup.py).
            Lossless up to float rounding: fused matmuls and fused kernels reorder sums.
   fp8      compile + float8 (e4m3) dynamic activation and weight quantization, per-row scales,
            of the linears in the transformer blocks (torchao; needs compute capability >= 8.9,

@@ -115,11 +115,11 @@ def test_overhead_harness_reports_server_minus_engine_per_encoding(tiny_checkpoi
     from benchmarks.overhead import main
 
     results = main(
-        ["--weights", tiny_checkpoint, "--device", "cpu", "--sizes", "256x256", "--runs", "1",
+        ["--weights", tiny_checkpoint, "--device", "cpu", "--sizes", "512x512", "--runs", "1",
          "--out", str(tmp_path)]
     )  # fmt: skip
-    assert [(r["size"], r["encoding"]) for r in results["rows"]] == [("256x256", "png"), ("256x256", "jpeg")]
+    assert [(r["size"], r["encoding"]) for r in results["rows"]] == [("512x512", "png"), ("512x512", "jpeg")]
     for row in results["rows"]:
         assert row["engine_ms"] > 0 and row["request_ms"] > row["engine_ms"] and row["overhead_ms"] > 0
         assert {"pillow-png", "jpeg"} <= set(row["encoders_ms"])
-    assert "| 256x256 | jpeg |" in (tmp_path / "overhead.md").read_text()
+    assert "| 512x512 | jpeg |" in (tmp_path / "overhead.md").read_text()
