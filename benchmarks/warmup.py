@@ -112,7 +112,7 @@ def run_option(args: argparse.Namespace, name: str) -> dict:
     build_s = time.perf_counter() - started
     sizes = args.size_list if option["warm_all"] else [(512, 512)]
     batches = range(1, args.max_batch + 1) if option["warm_all"] else [1]
-    report = warm_up(engine, sizes, batches, steps=args.steps)
+    report = warm_up(engine, sizes, batches, steps=args.steps, batches_at_every_size=not option["dynamic"])
     entry = dict(
         option=name,
         dynamic=option["dynamic"],
@@ -145,12 +145,15 @@ def run_option(args: argparse.Namespace, name: str) -> dict:
     entry["probes"] = probes
     entry["worst_first_over_second"] = max(p["first_ms"] / p["second_ms"] for p in probes)
     entry["request_compiles"] = sum(p["first_compiles"] + p["second_compiles"] for p in probes)
-    per_step = {}
+    per_step, step_compiles = {}, 0
     for width, height in args.step_size_list:
-        runs = [timed(engine, spec(width, height, args.step_steps, prompt=f"step {i}"))[0]
+        timed(engine, spec(width, height, args.step_steps, prompt="step warm-up"))
+        runs = [timed(engine, spec(width, height, args.step_steps, prompt=f"step {i}"))
                 for i in range(args.step_runs)]  # fmt: skip
-        per_step[f"{width}x{height}"] = statistics.median(runs) / args.step_steps
+        per_step[f"{width}x{height}"] = statistics.median(ms for ms, _ in runs) / args.step_steps
+        step_compiles += sum(compiles for _, compiles in runs)
     entry["ms_per_step"] = per_step
+    entry["step_run_compiles"] = step_compiles  # 0: the per-step runs are compile-free
     del engine
     gc.collect()
     torch._dynamo.reset()
