@@ -162,7 +162,9 @@ def run_option(args: argparse.Namespace, name: str) -> dict:
 
 def markdown(results: dict) -> str:
     options = results["options"]
-    static = next((o for o in options if not o["dynamic"]), None)
+    # Per-step ratios against static graphs that were all warmed (no recompiles in between).
+    static = next((o for o in options if o["option"] == "static-all"), None)
+    static = static or next((o for o in options if not o["dynamic"]), None)
     lines = [
         f"# Warm-up options: {results['meta']['weights']}, --optimize {results['meta']['optimize']}, "
         f"{results['meta']['device']}",
