@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -105,8 +106,9 @@ def timed(engine: Engine, job: GenerationSpec) -> tuple[float, int]:
 def run_option(args: argparse.Namespace, name: str) -> dict:
     option = OPTIONS[name]
     torch._dynamo.reset()
-    if args.cold:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{name}-")
+    cold_dir = tempfile.mkdtemp(prefix=f"inductor-{name}-") if args.cold else None
+    if cold_dir is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_dir
     started = time.perf_counter()
     engine = build(args, option["dynamic"])
     build_s = time.perf_counter() - started
@@ -157,6 +159,8 @@ def run_option(args: argparse.Namespace, name: str) -> dict:
     del engine
     gc.collect()
     torch._dynamo.reset()
+    if cold_dir is not None:
+        shutil.rmtree(cold_dir, ignore_errors=True)
     return entry
 
 
