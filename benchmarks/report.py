@@ -56,6 +56,20 @@ def markdown(results: dict) -> str:
             )
     lines += [
         "",
+        "## Time to ready (build + warm-up of this run's shapes, img2img and inpaint)",
+        "",
+        "| mode | build s | warm-up s | time to ready s | graphs compiled |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in results["modes"]:
+        if mode.get("error") or "time_to_ready_s" not in mode:
+            continue
+        lines.append(
+            f"| {mode['mode']} | {_fmt(mode['build_s'], '.1f')} | {_fmt(mode['warmup_s'], '.1f')} "
+            f"| {_fmt(mode['time_to_ready_s'], '.1f')} | {mode['warmup_compiles']} |"
+        )
+    lines += [
+        "",
         "## Quality proxy (same weights and seed as eager)",
         "",
         "| mode | quality cost | shape | PSNR dB vs eager | final-latent rel. error |",

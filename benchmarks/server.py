@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,42 +15,16 @@ import httpx
 from benchmarks.pipeline import PROMPT, Shape
 from pipelines.engine import Engine
 from server.codec import encode_images
+from server.embedded import serve_in_thread
 from server.settings import Settings
 
 
 @contextmanager
 def serve(engine: Engine, settings: Settings) -> Iterator[str]:
-    """Serve `engine` (already built and warmed) with uvicorn on a free port in this process."""
-    import socket
-
-    import uvicorn
-
-    from server.app import create_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    settings = settings.model_copy(update=dict(port=port, warmup=False, api_keys=""))
-    app = create_app(settings, engine_factory=lambda *_: engine)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("benchmark server did not become ready")
-        time.sleep(0.05)
-    try:
+    """Serve `engine` (already built and warmed) in this process; yields the base URL."""
+    settings = settings.model_copy(update=dict(warmup=False, api_keys=""))
+    with serve_in_thread(settings, engine_factory=lambda *_: engine) as (url, _app):
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def request_body(shape: Shape, steps: int, prompt: str, seed: int) -> dict:

@@ -108,6 +108,20 @@ def observe_first_block_cache(transformer, record: Callable[[bool], None]) -> No
     hook._should_compute_remaining_blocks = observed
 
 
+def cache_context_check(transformer) -> Callable[[], bool]:
+    """A function telling whether a cache context is set on the transformer's First Block Cache
+    (the leader hook's private `state_manager._context`)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    head = transformer.transformer_blocks[0]
+    hook = HookRegistry.check_if_exists_or_initialize(head).get_hook(_FBC_LEADER_BLOCK_HOOK)
+    if hook is None:
+        raise RuntimeError("First Block Cache is not enabled on this transformer")
+    state_manager = hook.state_manager
+    return lambda: state_manager._context is not None
+
+
 def reset_step_cache(transformer) -> None:
     """Forget the cached residuals a cancelled run left (diffusers' private cache reset)."""
     transformer._reset_stateful_cache()

@@ -4,7 +4,8 @@
   none     eager bf16, the reference. Lossless.
   compile  fused QKV projections, the fastest attention backend available, channels-last VAE,
            and regional torch.compile of the repeated transformer blocks (19 double + 38 single
-           blocks share two compiled graphs, so compiling takes about a minute, not ten).
+           blocks share two compiled graphs, so compiling takes about a minute, not ten), with
+           dynamic shapes: one graph pair serves every image size (see pipelines/warmup.py).
            Lossless up to float rounding: fused matmuls and fused kernels reorder sums.
   fp8      compile + float8 (e4m3) dynamic activation and weight quantization, per-row scales,
            of the linears in the transformer blocks (torchao; needs compute capability >= 8.9,
@@ -24,8 +25,10 @@ only) quarters them. Lossy: fp8/int8 weight-only are close to bf16, nf4 visibly 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,8 +52,11 @@ QUALITY_COST = {
     "quantize=int8": "lossy: int8 weights (bf16 compute)",
     "quantize=nf4": "lossy: 4-bit NormalFloat weights",
 }
-# torch.compile specialises on shapes: one graph per (size, batch) pre-warmed, with room to spare.
+# Static shapes specialise one graph per (size, batch); room for every supported size x batch.
 RECOMPILE_LIMIT = 64
+# Whether the compiled blocks take the image-token and batch dimensions as symbolic sizes
+# (one graph serves every size) or specialise a graph per shape (see docs/performance.md).
+DYNAMIC_SHAPES = True
 
 
 class OptimizationError(ValueError):
@@ -108,7 +114,9 @@ def check_combination(optimize: str, offload: str, quantize: str) -> None:
         )
 
 
-def apply_optimizations(pipe, settings, device: torch.device | None = None) -> Applied:
+def apply_optimizations(
+    pipe, settings, device: torch.device | None = None, *, dynamic_shapes: bool = DYNAMIC_SHAPES
+) -> Applied:
     """Apply `settings.optimize`, `.offload` and `.attention_backend` to a loaded pipeline, in place."""
     check_combination(settings.optimize, settings.offload, settings.quantize)
     device = device or pipe.transformer.device
@@ -130,7 +138,7 @@ def apply_optimizations(pipe, settings, device: torch.device | None = None) -> A
     if settings.optimize != "none":
         # The step cache decides on the host between blocks (a graph break), so only its
         # absence allows fullgraph.
-        compile_transformer(transformer, fullgraph=settings.optimize != "cache")
+        compile_transformer(transformer, fullgraph=settings.optimize != "cache", dynamic=dynamic_shapes)
         applied.compiled = True
     if settings.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -174,8 +182,7 @@ def compile_transformer(transformer, fullgraph: bool = True, **compile_kwargs) -
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     else:  # torch < 2.6
         config.cache_size_limit = max(config.cache_size_limit, RECOMPILE_LIMIT)
-    # dynamic=False: one specialised graph per pre-warmed shape beats one dynamic graph for all.
-    compile_kwargs.setdefault("dynamic", False)
+    compile_kwargs.setdefault("dynamic", DYNAMIC_SHAPES)
     transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)
 
 
@@ -200,13 +207,37 @@ def _in_transformer_blocks(module: torch.nn.Module, name: str) -> bool:
     )
 
 
-def quantize_fp8_dynamic(transformer, device: torch.device) -> None:
+def quantize_fp8_dynamic(transformer, device: torch.device) -> int:
     """float8 e4m3 activations and weights, per-row scales, for the linears in the blocks."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise OptimizationError("--optimize fp8 needs an NVIDIA GPU of compute capability 8.9 or newer")
+    return quantize_block_linears(transformer, fp8_dynamic_config())
+
+
+def fp8_dynamic_config():
     ao = _torchao()
-    config = ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow())
+    return ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow())
+
+
+def quantize_block_linears(transformer, config) -> int:
+    """Quantize the blocks' attention and MLP linears with a torchao config; returns how many.
+
+    LoRA slots (PEFT) wrap a targeted linear as `base_layer` plus `lora_A`/`lora_B` factors: the
+    base is quantized like any other linear, the factors stay in the compute dtype so that
+    hot-swapping copies plain weights into them. Checked here, since a quantized factor would
+    make every later swap fail.
+    """
+    ao = _torchao()
+    chosen = [name for name, module in transformer.named_modules() if _in_transformer_blocks(module, name)]
     ao.quantize_(transformer, config, filter_fn=_in_transformer_blocks)
+    for name, module in transformer.named_modules():
+        if (
+            ".lora_" in name
+            and isinstance(module, torch.nn.Linear)
+            and type(module.weight) is not torch.nn.Parameter
+        ):
+            raise OptimizationError(f"LoRA slot factor {name} was quantized; slots must stay unquantized")
+    return len(chosen)
 
 
 def quantize_weights(module: torch.nn.Module, kind: str) -> None:
@@ -266,9 +297,21 @@ def enable_step_cache(transformer, threshold: float) -> StepCounter:
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     counter = StepCounter()
     compat.observe_first_block_cache(transformer, counter.record)
+    _default_cache_context(transformer, compat.cache_context_check(transformer))
     return counter
 
 
-def warmup_shapes(sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sizes to pre-warm, largest first so the allocator reserves its peak once."""
-    return sorted(dict.fromkeys(sizes), key=lambda wh: wh[0] * wh[1], reverse=True)
+def _default_cache_context(transformer, context_is_set: Callable[[], bool]) -> None:
+    """FluxPipeline names the cache context of its denoiser call; diffusers' img2img and inpaint
+    pipelines do not, and First Block Cache refuses to run without one. Their calls get the
+    context text-to-image uses."""
+    forward = transformer.forward
+
+    @functools.wraps(forward)
+    def forward_in_context(*args, **kwargs):
+        if context_is_set():
+            return forward(*args, **kwargs)
+        with transformer.cache_context("cond"):
+            return forward(*args, **kwargs)
+
+    transformer.forward = forward_in_context

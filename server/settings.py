@@ -26,6 +26,20 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+WARMUP_KEYWORDS = ("all", "auto")
+
+
+def parse_batches(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]."""
+    try:
+        batches = [int(item) for item in text.replace(" ", "").split(",") if item]
+    except ValueError:
+        raise ValueError(f"batch sizes {text!r} are not comma-separated integers") from None
+    if any(b < 1 for b in batches):
+        raise ValueError(f"batch sizes {text!r} must be at least 1")
+    return batches
+
+
 def default_tiny_dir() -> Path:
     return Path.home() / ".cache" / "octoflux" / "tiny-flux"
 
@@ -138,8 +152,15 @@ class Settings(BaseSettings):
         2, ge=1, description="steps of each warm-up run", json_schema_extra=group("warmup")
     )
     warmup_sizes: str = Field(
-        "512x512",
-        description="comma-separated WxH sizes compiled and warmed before /readyz turns 200",
+        "auto",
+        description="sizes generated before /readyz turns 200: comma-separated WxH, 'all' (the 14 "
+        "supported sizes) or 'auto' (all with --optimize other than none, else 512x512)",
+        json_schema_extra=group("warmup"),
+    )
+    warmup_batches: str = Field(
+        "auto",
+        description="batch sizes warmed: comma-separated, 'all' (1..--max-batch) or 'auto' "
+        "(all with --optimize other than none, else 1)",
         json_schema_extra=group("warmup"),
     )
 
@@ -302,12 +323,37 @@ class Settings(BaseSettings):
     @field_validator("warmup_sizes")
     @classmethod
     def _sizes_parse(cls, value: str) -> str:
-        parse_sizes(value)
+        if value.strip().lower() not in WARMUP_KEYWORDS:
+            parse_sizes(value)
+        return value
+
+    @field_validator("warmup_batches")
+    @classmethod
+    def _batches_parse(cls, value: str) -> str:
+        if value.strip().lower() not in WARMUP_KEYWORDS:
+            parse_batches(value)
         return value
 
     @property
     def warmup_size_list(self) -> list[tuple[int, int]]:
+        """The sizes to warm: 'all' and 'auto' resolved (compiled modes warm every supported size)."""
+        from server.schemas import SUPPORTED_RESOLUTIONS
+
+        keyword = self.warmup_sizes.strip().lower()
+        if keyword == "all" or (keyword == "auto" and self.optimize != "none"):
+            return list(SUPPORTED_RESOLUTIONS)
+        if keyword == "auto":
+            return [(512, 512)]
         return parse_sizes(self.warmup_sizes)
+
+    @property
+    def warmup_batch_list(self) -> list[int]:
+        keyword = self.warmup_batches.strip().lower()
+        if keyword == "all" or (keyword == "auto" and self.optimize != "none"):
+            return list(range(1, self.max_batch + 1))
+        if keyword == "auto":
+            return [1]
+        return [b for b in parse_batches(self.warmup_batches) if b <= self.max_batch]
 
     @property
     def binds_loopback(self) -> bool:

@@ -6,22 +6,19 @@ import base64
 import io
 import os
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipelines.tiny import write_tiny_checkpoint  # noqa: E402
-from server.app import build_engine, create_app  # noqa: E402
+from server.app import build_engine  # noqa: E402
+from server.embedded import serve_in_thread  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 STEPS = 2  # enough to exercise the scheduler; the tiny model is random anyway
@@ -79,27 +76,8 @@ def run_server(
     settings: Settings, engine_factory=build_engine, wait_ready: bool = True
 ) -> Iterator[LiveServer]:
     """Serve `create_app(settings)` with uvicorn on a free loopback port in a thread."""
-    app = create_app(settings, engine_factory=engine_factory)
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{settings.port}"
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    if wait_ready:
-        while httpx.get(f"{url}/readyz").status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.05)
-    try:
-        yield LiveServer(url=url, app=app, settings=settings)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(settings, engine_factory, wait_ready=wait_ready) as (url, app):
+        yield LiveServer(url=url, app=app, settings=app.state.service.settings)
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +87,6 @@ def server_factory(tiny_checkpoint, tmp_path_factory) -> Callable[..., object]:
     def factory(engine_factory=build_engine, wait_ready: bool = True, **overrides):
         values = dict(
             model=tiny_checkpoint,
-            port=free_port(),
             device="cpu",
             lora_dir=tmp_path_factory.mktemp("loras"),
             state_dir=tmp_path_factory.mktemp("state"),

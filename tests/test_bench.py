@@ -27,6 +27,8 @@ def test_harness_smoke_runs_pipeline_and_server_levels_and_writes_reports(tiny_c
     none, cache, fp8 = results["modes"]
     assert [row["shape"] for row in none["shapes"]] == ["512x512 b1", "512x512 b2"]
     assert all(row["speedup"] == 1.0 for row in none["shapes"])
+    assert none["time_to_ready_s"] > none["build_s"] and none["warmup_compiles"] == 0  # eager: no graphs
+    assert "| none |" in (out / "results.md").read_text().split("## Time to ready")[1]
     for row in cache["shapes"]:
         assert row["speedup"] > 0 and row["tflop_per_step"] > 0
         assert 1 <= row["steps_computed"] <= 3
@@ -84,3 +86,40 @@ def test_markdown_reports_a_failed_mode():
         modes=[dict(mode="fp8", error="OptimizationError: needs a GPU", quality_cost="lossy")],
     )  # fmt: skip
     assert "| fp8 | – | failed: OptimizationError: needs a GPU" in markdown(results)
+
+
+def test_warmup_harness_reports_compiles_time_to_ready_and_first_vs_second(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """Smoke run with dynamo's eager backend (inductor's own runs are in tests/test_inductor.py)."""
+    import pipelines.optimize as optimize
+    from benchmarks.warmup import main
+
+    real = optimize.compile_transformer
+    monkeypatch.setattr(optimize, "compile_transformer", lambda t, **kw: real(t, backend="eager", **kw))
+    results = main(
+        ["--weights", tiny_checkpoint, "--device", "cpu", "--options", "static-lazy,dynamic",
+         "--sizes", "256x256,320x192", "--max-batch", "2", "--steps", "1", "--step-runs", "1",
+         "--step-sizes", "256x256", "--step-steps", "1", "--out", str(tmp_path)]
+    )  # fmt: skip
+    static, dynamic = results["options"]
+    assert static["warmup_compiles"] >= 2 and static["time_to_ready_s"] > 0
+    assert [p["size"] for p in static["probes"]] == ["256x256", "320x192", "320x192"]
+    assert static["probes"][1]["first_compiles"] > 0  # an unwarmed size recompiles static graphs
+    assert dynamic["probes"][1]["first_compiles"] == 0  # one dynamic graph serves both sizes
+    assert all(p["second_compiles"] == 0 for o in results["options"] for p in o["probes"])
+    assert "| dynamic |" in (tmp_path / "warmup.md").read_text()
+
+
+def test_overhead_harness_reports_server_minus_engine_per_encoding(tiny_checkpoint, tmp_path):
+    from benchmarks.overhead import main
+
+    results = main(
+        ["--weights", tiny_checkpoint, "--device", "cpu", "--sizes", "512x512", "--runs", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert [(r["size"], r["encoding"]) for r in results["rows"]] == [("512x512", "png"), ("512x512", "jpeg")]
+    for row in results["rows"]:
+        assert row["engine_ms"] > 0 and row["request_ms"] > row["engine_ms"] and row["overhead_ms"] > 0
+        assert {"pillow-png", "jpeg"} <= set(row["encoders_ms"])
+    assert "| 512x512 | jpeg |" in (tmp_path / "overhead.md").read_text()

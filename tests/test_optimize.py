@@ -148,8 +148,7 @@ def test_step_cache_skips_steps_and_counts_them(tiny_pipe):
     settings = Settings(model="tiny", optimize="none")
     applied = apply_optimizations(tiny_pipe, settings, CPU)
     applied.step_counter = enable_step_cache(tiny_pipe.transformer, threshold=1e9)
-    engine = Engine(tiny_pipe)
-    engine.optimizations = applied
+    engine = Engine(tiny_pipe, optimizations=applied)
     for _ in range(2):
         applied.step_counter.reset()
         engine.generate(spec(steps=5))
@@ -157,13 +156,29 @@ def test_step_cache_skips_steps_and_counts_them(tiny_pipe):
         assert (applied.step_counter.computed, applied.step_counter.skipped) == (1, 4)
 
 
+def test_step_cache_serves_img2img_and_inpaint_too(tiny_pipe):
+    """diffusers' img2img and inpaint pipelines set no cache context; First Block Cache needs one."""
+    from PIL import Image
+
+    counter = enable_step_cache(tiny_pipe.transformer, threshold=1e9)
+    engine = Engine(tiny_pipe)
+    init = Image.new("RGB", (256, 256), (90, 140, 200))
+    mask = Image.new("L", (256, 256), 255)
+    for extra in (
+        {"init_image": init, "strength": 1.0},
+        {"init_image": init, "mask_image": mask, "strength": 1.0},
+    ):
+        counter.reset()
+        assert len(engine.generate(spec(steps=4, **extra)).images) == 1
+        assert (counter.computed, counter.skipped) == (1, 3)
+
+
 def test_cancelled_run_leaves_no_step_cache_state_behind(tiny_pipe):
     from pipelines.engine import GenerationCancelled
 
     applied = apply_optimizations(tiny_pipe, Settings(model="tiny"), CPU)
     counter = applied.step_counter = enable_step_cache(tiny_pipe.transformer, threshold=1e9)
-    engine = Engine(tiny_pipe)
-    engine.optimizations = applied
+    engine = Engine(tiny_pipe, optimizations=applied)
     fresh = all_pixels(engine.generate(spec(steps=4)))
     calls = iter(range(100))
     with pytest.raises(GenerationCancelled):
@@ -182,7 +197,7 @@ def test_compile_mode_fuses_qkv_uses_channels_last_and_compiles_blocks(tiny_pipe
     )
     applied = apply_optimizations(tiny_pipe, Settings(model="tiny", optimize="compile"), CPU)
     assert applied.compiled and applied.step_counter is None
-    assert calls == [{"fullgraph": True, "dynamic": False}]
+    assert calls == [{"fullgraph": True, "dynamic": True}]  # one graph serves every size
     attn = tiny_pipe.transformer.transformer_blocks[0].attn
     assert attn.fused_projections
     conv = next(m for m in tiny_pipe.vae.modules() if isinstance(m, torch.nn.Conv2d))
@@ -225,6 +240,59 @@ def test_incompatible_modes_are_rejected():
     check_combination("cache", "model", "none")
 
 
+def test_fp8_mode_configuration_is_built_and_targets_only_the_block_linears(tiny_pipe):
+    """What `--optimize fp8` hands torchao, checked on a CPU (running it needs an H100-class GPU)."""
+    pytest.importorskip("torchao")
+    from pipelines.optimize import _in_transformer_blocks, fp8_dynamic_config
+
+    config = fp8_dynamic_config()
+    assert type(config).__name__ == "Float8DynamicActivationFloat8WeightConfig"
+    assert "PerRow" in repr(config.granularity)
+    chosen = [n for n, m in tiny_pipe.transformer.named_modules() if _in_transformer_blocks(m, n)]
+    assert chosen and all(n.startswith(("transformer_blocks.", "single_transformer_blocks.")) for n in chosen)
+    assert not any(".norm" in n for n in chosen)
+    assert any(n.endswith("attn.to_q") for n in chosen) and any(n.endswith("ff.net.2") for n in chosen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="fp8 needs an NVIDIA GPU of compute capability 8.9+",
+)
+def test_fp8_mode_runs_on_a_gpu(tiny_checkpoint):
+    pipe = load_flux_pipeline(tiny_checkpoint, torch.device("cuda"), torch.bfloat16)
+    applied = apply_optimizations(pipe, Settings(model="tiny", optimize="fp8"), torch.device("cuda"))
+    weight = pipe.transformer.transformer_blocks[0].attn.to_qkv.weight
+    assert "Float8" in type(weight).__name__
+    result = Engine(pipe, optimizations=applied).generate(spec())
+    assert np.isfinite(all_pixels(result)).all()
+
+
+def test_lora_slots_work_on_fp8_quantized_linears(tiny_checkpoint, tmp_path):
+    """`--optimize fp8|cache` quantizes the base linears under the LoRA slots, never the factors.
+
+    On a CPU, fp8 weight-only quantization stands in for fp8 dynamic activation quantization
+    (the same float8 weight tensors; the activation kernels need an H100-class GPU).
+    """
+    ao = pytest.importorskip("torchao.quantization")
+    from pipelines.loras import LoraCache, LoraLibrary
+    from pipelines.optimize import quantize_block_linears
+    from pipelines.tiny_lora import make_lora, save_diffusers
+
+    library = LoraLibrary(tmp_path)
+    save_diffusers(make_lora(1, rank=4), library.path("r4"))
+    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.bfloat16)
+    engine = Engine(pipe, loras=LoraCache(pipe, library, slots=2, max_rank=8))
+    assert quantize_block_linears(pipe.transformer, ao.Float8WeightOnlyConfig()) > 0
+    to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert "Float8" in type(to_q.base_layer.weight).__name__
+    assert type(to_q.lora_A["slot0"].weight) is torch.nn.Parameter  # factors stay plain, hot-swappable
+    base = all_pixels(engine.generate(spec()))
+    with_lora = all_pixels(engine.generate(spec(loras={"r4": 1.0})))
+    assert np.abs(with_lora.astype(int) - base).mean() > 0.5
+    assert np.array_equal(all_pixels(engine.generate(spec(loras={"r4": 0.0}))), base)
+
+
 def test_memory_report_degrades_without_cuda():
     report = peak_memory(CPU)
     assert report["peak_gpu_gb"] is None and report["host_peak_rss_gb"] > 0
@@ -246,6 +314,20 @@ def test_cli_flags_reach_settings(monkeypatch):
     assert settings.prompt_cache_size == 0
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         Settings(warmup_sizes="1024by1024")
+
+
+def test_warmup_sizes_and_batches_default_to_every_shape_when_compiled():
+    from server.schemas import SUPPORTED_RESOLUTIONS
+
+    compiled = Settings(optimize="compile", max_batch=3)
+    assert compiled.warmup_size_list == list(SUPPORTED_RESOLUTIONS) and len(SUPPORTED_RESOLUTIONS) == 14
+    assert compiled.warmup_batch_list == [1, 2, 3]
+    eager = Settings(max_batch=3)
+    assert (eager.warmup_size_list, eager.warmup_batch_list) == ([(512, 512)], [1])
+    assert Settings(warmup_sizes="all").warmup_size_list == list(SUPPORTED_RESOLUTIONS)
+    assert Settings(warmup_batches="1,4", max_batch=2).warmup_batch_list == [1]
+    with pytest.raises(ValueError, match="integers"):
+        Settings(warmup_batches="two")
 
 
 def test_warmup_sizes_are_warmed_before_ready(server_factory):
@@ -307,3 +389,20 @@ def test_encoding_of_one_job_overlaps_the_next_job(server_factory, monkeypatch):
         for thread in threads:
             thread.join(60)
     assert overlapped and overlapped[0] is True
+
+
+def test_warm_up_runs_every_size_then_batches_at_the_largest_then_image_modes(tiny_pipe):
+    from pipelines.warmup import warm_up
+
+    engine = Engine(tiny_pipe, max_batch=2)
+    report = warm_up(engine, [(128, 128), (256, 128), (128, 128)], batches=[2], steps=1,
+                     batches_at_every_size=False)  # fmt: skip
+    runs = [(r.width, r.height, r.batch, r.mode) for r in report.runs]
+    assert runs[:3] == [(256, 128, 1, "text2img"), (256, 128, 2, "text2img"), (128, 128, 1, "text2img")]
+    assert runs[-2:] == [(256, 128, 1, "img2img"), (256, 128, 1, "inpaint")]
+    assert report.sizes == [(256, 128), (128, 128)] and report.batches == [1, 2]
+    assert report.compiles == 0  # nothing is compiled in eager mode
+    assert report.throughput_spec.width == 128 and report.throughput_seconds > 0
+    every = warm_up(engine, [(128, 128), (256, 128)], batches=[1, 2], steps=1, batches_at_every_size=True,
+                    image_modes=False)  # fmt: skip
+    assert [(r.width, r.batch) for r in every.runs] == [(256, 1), (256, 2), (128, 1), (128, 2)]
