@@ -21,7 +21,7 @@ COPY pyproject.toml README.m[d] ./
 COPY server ./server
 COPY pipelines ./pipelines
 COPY benchmarks ./benchmarks
-RUN touch README.md && pip install ".[gpu,bench]"
+RUN touch README.md && pip install ".[gpu,bench,ray]"
 
 RUN useradd --create-home --uid 1000 octoflux && mkdir -p /cache /models && chown octoflux /cache
 USER octoflux
@@ -34,11 +34,11 @@ ENV HF_HUB_OFFLINE=1 \
     OCTOFLUX_HOST=0.0.0.0 \
     OCTOFLUX_PORT=8000 \
     OCTOFLUX_OPTIMIZE=compile \
-    OCTOFLUX_WARMUP_SIZES=1024x1024
+    OCTOFLUX_STATE_DIR=/cache/state
 VOLUME ["/models", "/cache"]
 EXPOSE 8000
 
-# Loading, compiling and warming every --warmup-sizes size can take minutes: /readyz stays 503
+# Loading, compiling and warming every supported size (--warmup-sizes auto) can take minutes: /readyz stays 503
 # until then, and a load balancer sends no traffic before it is 200.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 \
     CMD curl -fsS "http://127.0.0.1:${OCTOFLUX_PORT}/readyz" || exit 1
