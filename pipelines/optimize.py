@@ -144,7 +144,7 @@ def apply_optimizations(
         pipe.enable_model_cpu_offload(device=device)
     elif settings.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
-    log.info("optimizations: %s", applied)
+    log.log(logging.INFO if applied.optimize != "none" else logging.DEBUG, "optimizations: %s", applied)
     return applied
 
 

@@ -103,7 +103,7 @@ def warm_up(
         done = WarmupRun(
             spec.width, spec.height, len(spec.seeds), spec.mode, result.seconds, compile_count() - before
         )
-        log.info(
+        log.debug(
             "warm-up %s %dx%d batch %d: %.2f s, %d graphs compiled",
             done.mode, done.width, done.height, done.batch, time.perf_counter() - t0, done.compiles,
         )  # fmt: skip

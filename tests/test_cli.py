@@ -46,6 +46,8 @@ def sample(name: str):
         return SAMPLE_SECRET, SAMPLE_SECRET
     if name == "replicas":
         return "auto", "auto"
+    if name == "warmup_batches":
+        return "1,2", "1,2"
     if name in ("state_url",):
         return "redis://127.0.0.1:6399/0", "redis://127.0.0.1:6399/0"
     for kind, value in SAMPLES.items():

@@ -140,7 +140,7 @@ class LoraCache:
         self._set_active([(self._resident[n], w) for n, w in target])
         self._active = target
         seconds = self._record("switch", f"switch {[n for n, _ in target]}", started)
-        log.info("LoRA set %s active in %.1f ms", dict(target) or "{}", seconds * 1000)
+        log.debug("LoRA set %s active in %.1f ms", dict(target) or "{}", seconds * 1000)
 
     def evict(self, name: str) -> None:
         """Remove one resident LoRA from the pipeline (its next use reads the file again)."""
