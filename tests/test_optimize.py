@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 import threading
 
 import httpx
@@ -226,8 +226,10 @@ def test_fp8_mode_refuses_a_cpu_with_a_clear_error(tiny_pipe):
         apply_optimizations(tiny_pipe, Settings(model="tiny", optimize="fp8"), CPU)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed")
-def test_weight_quantization_without_torchao_names_the_extra(tiny_pipe):
+def test_weight_quantization_without_torchao_names_the_extra(tiny_pipe, monkeypatch):
+    # A None entry makes `import torchao.quantization` raise ImportError, as on a machine without it.
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(OptimizationError, match=r"octoflux\[gpu\]"):
         quantize_weights(tiny_pipe.transformer, "int8")
 
