@@ -15,7 +15,6 @@ import torch
 from conftest import pixels
 
 from pipelines.engine import Engine, GenerationSpec
-from pipelines.loader import load_flux_pipeline
 from pipelines.loras import LoraCache, LoraLibrary
 from pipelines.optimize import (
     apply_optimizations,
@@ -46,13 +45,13 @@ def image(engine: Engine, **kw) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def warmed(tiny_checkpoint, tmp_path_factory):
+def warmed(load_tiny, tiny_checkpoint, tmp_path_factory):
     """The server's compiled path with inductor: LoRA slots, apply_optimizations, warm_up."""
     torch._dynamo.reset()
     library = LoraLibrary(tmp_path_factory.mktemp("inductor-loras"))
     save_diffusers(make_lora(1, rank=4), library.path("r4"))
     save_diffusers(make_lora(2, rank=8, text_encoder=True), library.path("r8_clip"))
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+    pipe = load_tiny()
     loras = LoraCache(pipe, library, cache_size=2, slots=2, max_rank=8)
     settings = Settings(model="tiny", optimize="compile", attention_backend="native")
     applied = apply_optimizations(pipe, settings, CPU)
@@ -93,9 +92,9 @@ def test_hot_swapping_loras_under_inductor_never_recompiles(warmed):
     assert compile_count() == before
 
 
-def test_first_block_cache_under_inductor_runs_and_counts_skipped_steps(tiny_checkpoint):
+def test_first_block_cache_under_inductor_runs_and_counts_skipped_steps(load_tiny, tiny_checkpoint):
     """`--optimize cache` without its fp8 step (CPU): step cache, then compile without fullgraph."""
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+    pipe = load_tiny()
     pipe.transformer.fuse_qkv_projections()
     counter = enable_step_cache(pipe.transformer, threshold=1e9)
     compile_transformer(pipe.transformer, fullgraph=False)
@@ -115,8 +114,8 @@ def test_first_block_cache_under_inductor_runs_and_counts_skipped_steps(tiny_che
 @pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None, reason="torchao is not installed (test extra)"
 )
-def test_int8_weight_only_quantization_runs_compiled_on_the_cpu(tiny_checkpoint):
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+def test_int8_weight_only_quantization_runs_compiled_on_the_cpu(load_tiny, tiny_checkpoint):
+    pipe = load_tiny()
     eager = image(Engine(pipe))
     quantize_weights(pipe.transformer, "int8")
     weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight

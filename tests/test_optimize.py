@@ -31,9 +31,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def tiny_pipe(tiny_checkpoint):
+def tiny_pipe(load_tiny, tiny_checkpoint):
     """A fresh tiny pipeline per test: modes change it in place."""
-    return load_flux_pipeline(tiny_checkpoint, CPU, torch.float32)
+    return load_tiny()
 
 
 def spec(seeds=(3,), width=256, height=256, steps=STEPS, prompt="a lighthouse", **extra) -> GenerationSpec:
@@ -270,7 +270,7 @@ def test_fp8_mode_runs_on_a_gpu(tiny_checkpoint):
     assert np.isfinite(all_pixels(result)).all()
 
 
-def test_lora_slots_work_on_fp8_quantized_linears(tiny_checkpoint, tmp_path):
+def test_lora_slots_work_on_fp8_quantized_linears(load_tiny, tiny_checkpoint, tmp_path):
     """`--optimize fp8|cache` quantizes the base linears under the LoRA slots, never the factors.
 
     On a CPU, fp8 weight-only quantization stands in for fp8 dynamic activation quantization
@@ -283,7 +283,7 @@ def test_lora_slots_work_on_fp8_quantized_linears(tiny_checkpoint, tmp_path):
 
     library = LoraLibrary(tmp_path)
     save_diffusers(make_lora(1, rank=4), library.path("r4"))
-    pipe = load_flux_pipeline(tiny_checkpoint, CPU, torch.bfloat16)
+    pipe = load_tiny(dtype=torch.bfloat16)
     engine = Engine(pipe, loras=LoraCache(pipe, library, slots=2, max_rank=8))
     assert quantize_block_linears(pipe.transformer, ao.Float8WeightOnlyConfig()) > 0
     to_q = pipe.transformer.transformer_blocks[0].attn.to_q

@@ -13,7 +13,6 @@ from httpx_sse._decoders import SSEDecoder
 from PIL import Image
 
 from pipelines.engine import Engine, GenerationSpec, StepEvent
-from pipelines.loader import load_flux_pipeline
 from pipelines.preview import (
     FLUX_LATENT_RGB_BIAS,
     FLUX_LATENT_RGB_FACTORS,
@@ -103,8 +102,8 @@ def test_preview_refuses_latents_of_another_size():
         latents_to_rgb(torch.zeros(1, 1024, 64), 1024, 1024)
 
 
-def test_previews_and_progress_from_the_tiny_engine(tiny_checkpoint):
-    engine = Engine(load_flux_pipeline(tiny_checkpoint, torch.device("cpu"), torch.float32), max_batch=1)
+def test_previews_and_progress_from_the_tiny_engine(load_tiny, tiny_checkpoint):
+    engine = Engine(load_tiny(), max_batch=1)
     spec = GenerationSpec(prompt="a lighthouse", width=512, height=256, steps=3, guidance=3.5, seeds=[1, 2])
     clock, progress, previews = StepClock(), [], []
 
