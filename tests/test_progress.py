@@ -118,7 +118,9 @@ def test_previews_and_progress_from_the_tiny_engine(load_tiny, tiny_checkpoint):
     assert [(p["image_batch"], p["step"]) for p in progress] == [(b, s) for b in (0, 1) for s in (1, 2, 3)]
     assert all(p["steps"] == 3 for p in progress)
     assert progress[0]["eta_s"] is None  # nothing measured yet
-    assert progress[1]["eta_s"] > 0 and progress[-1]["eta_s"] == 0
+    # Measured from step 2 on (its value, rounded to 0.1 s, is 0.0 when the tiny model is fast; the
+    # arithmetic is checked with fixed times below); nothing is left after the last step.
+    assert progress[1]["eta_s"] is not None and clock.step_seconds > 0 and progress[-1]["eta_s"] == 0
     assert all(decode_data_url(p.data["image"]).size == (256, 128) for p in previews)
 
 
