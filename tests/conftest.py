@@ -98,6 +98,29 @@ def server_factory(tiny_checkpoint, tmp_path_factory) -> Callable[..., object]:
     return factory
 
 
+@pytest.fixture(scope="module")
+def control():
+    """One `EngineControl` per test module: holds the worker, counts steps, injects faults."""
+    from engine_control import EngineControl
+
+    return EngineControl()
+
+
+@pytest.fixture
+def controlled(control):
+    """The control reset before a test and every gate opened after it (`usefixtures` it per module)."""
+    control.reset()
+    yield control
+    control.release_all()
+
+
+@pytest.fixture(scope="module")
+def controlled_server(server_factory, control):
+    """A server whose engine `control` drives, without warm-up."""
+    with server_factory(engine_factory=control.factory, warmup=False) as live:
+        yield live
+
+
 @pytest.fixture(scope="session")
 def live_server(server_factory) -> Iterator[LiveServer]:
     """One open (no API keys) server on the tiny model, shared by the read-only tests."""

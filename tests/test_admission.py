@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 from conftest import STEPS
-from engine_control import WAIT, EngineControl, open_raw_request, wait_until
+from engine_control import WAIT, open_raw_request, wait_until
 
 from pipelines.engine import GenerationSpec
 from server import jobs
@@ -22,16 +22,7 @@ def body(prompt: str, **extra) -> dict:
     return {"prompt": prompt, "width": 512, "height": 512, "steps": STEPS, "seed": 5, **extra}
 
 
-@pytest.fixture(scope="module")
-def control():
-    return EngineControl()
-
-
-@pytest.fixture(autouse=True)
-def fresh_control(control):
-    control.reset()
-    yield
-    control.release_all()
+pytestmark = pytest.mark.usefixtures("controlled")
 
 
 @pytest.fixture(scope="module")

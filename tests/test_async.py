@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 from conftest import STEPS, b64_to_image
-from engine_control import WAIT, EngineControl, wait_until
+from engine_control import WAIT, wait_until
 
 from pipelines.engine import GenerationSpec
 from server.async_jobs import AsyncJobs
@@ -21,22 +21,12 @@ def body(prompt: str, **extra) -> dict:
     return {"prompt": prompt, "width": 512, "height": 512, "steps": STEPS, "seed": 3, **extra}
 
 
-@pytest.fixture(scope="module")
-def control():
-    return EngineControl()
+pytestmark = pytest.mark.usefixtures("controlled")
 
 
 @pytest.fixture(scope="module")
-def server(server_factory, control):
-    with server_factory(engine_factory=control.factory, warmup=False) as live:
-        yield live
-
-
-@pytest.fixture(autouse=True)
-def fresh_control(control):
-    control.reset()
-    yield
-    control.release_all()
+def server(controlled_server):
+    return controlled_server
 
 
 def poll_until_final(client: httpx.Client, poll_url: str) -> dict:

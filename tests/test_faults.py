@@ -6,7 +6,7 @@ import httpx
 import pytest
 import torch
 from conftest import STEPS
-from engine_control import WAIT, EngineControl
+from engine_control import WAIT
 
 URL_PATH = "/generate/flux-dev"
 
@@ -15,20 +15,12 @@ def body(prompt: str, **extra) -> dict:
     return {"prompt": prompt, "width": 512, "height": 512, "steps": STEPS, "seed": 9, **extra}
 
 
-@pytest.fixture(scope="module")
-def control():
-    return EngineControl()
+pytestmark = pytest.mark.usefixtures("controlled")
 
 
 @pytest.fixture(scope="module")
-def server(server_factory, control):
-    with server_factory(engine_factory=control.factory, warmup=False) as live:
-        yield live
-
-
-@pytest.fixture(autouse=True)
-def fresh_control(control):
-    control.reset()
+def server(controlled_server):
+    return controlled_server
 
 
 def fail_once(exc: BaseException):

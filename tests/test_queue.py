@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from engine_control import WAIT, EngineControl, wait_until
+from engine_control import WAIT, wait_until
 from octoai.core.api_error import ApiError
 
 HOLD = "hold the worker"
@@ -17,21 +17,12 @@ def body(prompt: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def control() -> EngineControl:
-    return EngineControl()
-
-
-@pytest.fixture(scope="module")
 def gated(server_factory, control):
     with server_factory(max_queue=1, engine_factory=control.factory) as live:
         yield live
 
 
-@pytest.fixture(autouse=True)
-def fresh_control(control):
-    control.reset()
-    yield
-    control.release_all()
+pytestmark = pytest.mark.usefixtures("controlled")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from conftest import STEPS, b64_to_image
-from engine_control import WAIT, EngineControl
+from engine_control import WAIT
 
 from server.errors import Conflict, InvalidField, NotFound, NotReady, ShuttingDown
 from server.schemas import GenerateRequest
@@ -35,11 +35,6 @@ async def never_gone() -> None:
 
 
 @pytest.fixture(scope="module")
-def control() -> EngineControl:
-    return EngineControl()
-
-
-@pytest.fixture(scope="module")
 def service(tiny_checkpoint, tmp_path_factory, control):
     svc = GenerationService(settings(tiny_checkpoint, tmp_path_factory.mktemp("svc")), control.factory)
     svc.load()
@@ -48,11 +43,7 @@ def service(tiny_checkpoint, tmp_path_factory, control):
     svc.state.close()
 
 
-@pytest.fixture(autouse=True)
-def fresh_control(control):
-    control.reset()
-    yield
-    control.release_all()
+pytestmark = pytest.mark.usefixtures("controlled")
 
 
 def test_a_service_that_has_not_loaded_refuses_work_with_a_retry_after(tiny_checkpoint, tmp_path):
