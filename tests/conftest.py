@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny checkpoint on disk (once per session) and live servers over real HTTP."""
+"""Shared fixtures: the tiny checkpoint on disk (once per test run) and live servers over real HTTP."""
 
 from __future__ import annotations
 
