@@ -8,17 +8,22 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.body_limit import BodySizeLimit
+from server.body_limit import BodySizeLimit, octoai_body
 from server.codec import configure_pillow
 from server.cors import install_cors
 from server.engine_factory import EngineFactory, build_engine
 from server.http_errors import install_error_handlers
+from server.openai_errors import too_large_body
 from server.requestlog import RequestContext
 from server.routes import assets, events, health, octoai, openai, playground
 from server.service import GenerationService
 from server.settings import Settings
 
 __all__ = ["build_engine", "create_app"]
+
+
+def too_large_body_for(path: str, message: str) -> dict:
+    return too_large_body(message) if openai.is_openai_path(path) else octoai_body(message)
 
 
 def create_app(
@@ -53,7 +58,10 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(playground.router)
     app.add_middleware(
-        BodySizeLimit, max_bytes=int(settings.max_body_mb * 2**20), exempt=assets.is_upload_path
+        BodySizeLimit,
+        max_bytes=int(settings.max_body_mb * 2**20),
+        exempt=assets.is_upload_path,
+        render=too_large_body_for,
     )
     # Outside the body limit, so that even a 413 carries X-Request-ID and gets its log line.
     app.add_middleware(RequestContext)

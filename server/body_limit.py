@@ -15,19 +15,33 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=detail)
 
 
+def octoai_body(message: str) -> dict:
+    return {"detail": message}
+
+
 class BodySizeLimit:
-    def __init__(self, app, max_bytes: int, exempt: Callable[[str], bool] | None = None):
+    """`render(path, message)` gives the JSON body of a 413 refused before the route runs, so that
+    each API answers in its own error shape."""
+
+    def __init__(
+        self,
+        app,
+        max_bytes: int,
+        exempt: Callable[[str], bool] | None = None,
+        render: Callable[[str, str], dict] | None = None,
+    ):
         self.app = app
         self.max_bytes = max_bytes
         # Routes that enforce their own limit (LoRA uploads, up to --max-lora-mb).
         self.exempt = exempt or (lambda path: False)
+        self.render = render or (lambda path, message: octoai_body(message))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.exempt(scope.get("path", "")):
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
+            return await self._reject(scope, send)
         received = 0
         response_started = False
 
@@ -49,13 +63,13 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not response_started:
-                await self._reject(send)
+                await self._reject(scope, send)
 
     def _message(self) -> str:
         return f"request body exceeds the {self.max_bytes / 2**20:g} MB limit"
 
-    async def _reject(self, send) -> None:
-        body = json.dumps({"detail": self._message()}).encode()
+    async def _reject(self, scope, send) -> None:
+        body = json.dumps(self.render(scope.get("path", ""), self._message())).encode()
         await send(
             {
                 "type": "http.response.start",

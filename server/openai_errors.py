@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.engine import GenerationFailed
 from pipelines.loras import LoraError
+from server.body_limit import BodyTooLarge
 from server.errors import JobCancelled, Problem, ServiceError, problem
 
 # The OctoAI field a service error names -> the OpenAI parameter the caller sent.
@@ -49,16 +50,27 @@ def openai_error(request: Request, found: Problem, headers: Mapping[str, str] | 
     if log is not None:
         log["error"] = found.kind
     status = 400 if found.status == 422 else found.status
-    error = {
-        "message": found.message,
-        "type": error_type(status),
-        "param": PARAMS.get(found.field, found.field) if found.field else None,
-        "code": CODES.get(found.kind, found.kind),
-    }
     headers = dict(headers or {})
     if found.retry_after:
         headers["Retry-After"] = str(found.retry_after)
-    return JSONResponse(status_code=status, content={"error": error}, headers=headers or None)
+    return JSONResponse(status_code=status, content=error_body(found), headers=headers or None)
+
+
+def error_body(found: Problem) -> dict:
+    status = 400 if found.status == 422 else found.status
+    return {
+        "error": {
+            "message": found.message,
+            "type": error_type(status),
+            "param": PARAMS.get(found.field, found.field) if found.field else None,
+            "code": CODES.get(found.kind, found.kind),
+        }
+    }
+
+
+def too_large_body(message: str) -> dict:
+    """A 413 refused by the body limit before the route ran."""
+    return error_body(Problem(413, "body_too_large", message))
 
 
 def validation_problem(errors: list[dict]) -> Problem:
@@ -92,6 +104,8 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 return openai_error(request, validation_problem(list(exc.errors())))
+            except BodyTooLarge as exc:
+                return openai_error(request, Problem(413, "body_too_large", str(exc.detail)))
             except (HTTPException, StarletteHTTPException) as exc:
                 kind = "unauthorized" if exc.status_code == 401 else "invalid_request"
                 return openai_error(request, Problem(exc.status_code, kind, str(exc.detail)), exc.headers)

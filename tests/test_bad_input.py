@@ -198,6 +198,31 @@ def test_chunked_body_over_the_limit_is_413(server):
     assert response.status_code == 413
 
 
+def openai_too_large(response: httpx.Response) -> None:
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["code"] == "body_too_large" and error["type"] == "invalid_request_error"
+    assert f"{MAX_BODY_MB:g} MB limit" in error["message"]
+
+
+def test_openai_route_gets_its_413_in_openai_shape(server):
+    payload = {"prompt": "x" * (MAX_BODY_MB * 2**20 + 10)}
+    openai_too_large(httpx.post(f"{server.url}/v1/images/generations", json=payload, timeout=60))
+
+
+def test_openai_chunked_upload_over_the_limit_gets_openai_413(server):
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        for _ in range(MAX_BODY_MB * 4):
+            yield b"A" * 2**19
+        yield b"\r\n--b--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    openai_too_large(
+        httpx.post(f"{server.url}/v1/images/edits", content=chunks(), headers=headers, timeout=60)
+    )
+
+
 @pytest.mark.parametrize(
     "headers, content",
     [

@@ -37,6 +37,13 @@ from server.schemas import GenerateResponse
 from server.service import GenerationService
 
 router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI Images API"])
+PATHS = ("/v1/models", "/v1/images/")
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(PATHS)
+
+
 AUTHORIZED = [Depends(require_bearer)]
 OWNED_BY = "octoflux"
 STARTED = int(time.time())  # `created` of the served model: when this process started serving it
