@@ -1,8 +1,9 @@
 """`GenerationService`: the server minus HTTP. Routes of every API dialect call it and render its answers.
 
 It owns the engine (loaded in the background), the job queue and its worker, async results, the
-LoRA library and asset records, readiness and drain. It raises the domain errors of
-`server/errors.py`; it never builds an HTTP response and never touches torch itself.
+LoRA library and the asset API (`server/asset_service.py`), readiness and drain. It raises the
+domain errors of `server/errors.py`; it never builds an HTTP response and never touches torch
+itself.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.engine import Engine, GenerationResult, GenerationSpec
 from pipelines.family import FAMILIES, Family
-from pipelines.loras import LoraError, LoraLibrary, read_lora
+from pipelines.loras import LoraCache, LoraLibrary
 from server import metrics, served_family
+from server.asset_service import AssetService
 from server.asset_store import AssetStore
 from server.async_jobs import HEARTBEAT_EVERY_S, AsyncJobs
 from server.codec import encode_images
@@ -40,7 +41,6 @@ from server.errors import (
     NotFound,
     NotReady,
     ShuttingDown,
-    TooLarge,
     problem,
 )
 from server.jobs import Job, JobQueue, new_job
@@ -95,7 +95,11 @@ class GenerationService:
         self.library = LoraLibrary(settings.lora_dir)
         self.replica = uuid.uuid4().hex[:12]
         self.state = open_state_store(settings.resolved_state_url)
-        self.assets = AssetStore(self.library, settings.lora_upload_ttl_s, self.state)
+        self.assets = AssetService(
+            AssetStore(self.library, settings.lora_upload_ttl_s, self.state),
+            settings.max_lora_mb,
+            lora_cache=self._loaded_loras,
+        )
         # Sends from the shared store: deliveries survive a restart, and any live replica sends them.
         self.webhooks = (
             WebhookDispatcher(
@@ -437,101 +441,11 @@ class GenerationService:
             raise Conflict(f"job already {current.status}")
         return AsyncView(record.id, CANCELLED, record.created_at, f"job cancelled: {DELETED}")
 
-    # ------------------------------------------------------------------ assets
-
-    def create_asset(self, name: str, description: str, data: dict) -> tuple[dict, str]:
-        return self.assets.create(name, description, data)
-
-    def list_assets(self) -> list[dict]:
-        return self.assets.all()
-
-    def get_asset(self, id_or_ref: str) -> dict:
-        return self.assets.find(id_or_ref)
-
-    def delete_asset(self, asset_id: str) -> dict:
-        try:
-            return self.assets.delete(asset_id)
-        except LoraError:  # not even a valid name
-            raise NotFound(f"no asset {asset_id!r}") from None
-
-    async def upload_asset(
-        self, asset_id: str, token: str, chunks: AsyncIterator[bytes], declared_length: int | None
-    ) -> int:
-        """Stream a PUT body into staging; `TooLarge` past `--max-lora-mb` (the asset is rejected)."""
-        max_bytes = int(self.settings.max_lora_mb * 2**20)
-        self.assets.authorize(asset_id, token)
-        if declared_length is not None and declared_length > max_bytes:
-            self.assets.reject(asset_id, _too_large(max_bytes))
-            raise TooLarge(_too_large(max_bytes))
-        self.assets.begin_upload(asset_id)
-        try:
-            return await self._receive(asset_id, chunks, max_bytes)
-        except TooLarge as exc:
-            self.assets.reject(asset_id, exc.message)
-            raise
-        except BaseException:  # the client went away mid-body, or the server is stopping
-            self.assets.set_status(
-                asset_id, "ready_to_upload", "the upload was interrupted; PUT the file again"
-            )
-            raise
-
-    async def _receive(self, asset_id: str, chunks: AsyncIterator[bytes], max_bytes: int) -> int:
-        """Stream the body to a temp file; it becomes the staged file only once complete."""
-        temp = self.assets.temp_file(asset_id)
-        size = 0
-        try:
-            with temp.open("wb") as fh:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise TooLarge(_too_large(max_bytes))
-                    await run_in_threadpool(fh.write, chunk)
-            self.assets.finish_upload(asset_id, temp, size)
-        finally:
-            temp.unlink(missing_ok=True)
-        return size
-
-    def asset_file(self, asset_id: str, token: str) -> Path:
-        record = self.assets.authorize(asset_id, token)
-        path = self.library.path(record.name)
-        if record.status != "ready" or not path.is_file():
-            raise Conflict(f"asset {asset_id} is not ready")
-        return path
-
-    async def complete_upload(self, asset_id: str) -> str | None:
-        """Check the staged file against the loaded pipeline, then publish it; the reason if rejected."""
+    def _loaded_loras(self) -> LoraCache | None:
+        """The LoRA cache uploads are checked against; `NotReady` while the model loads."""
         if not self._ready.is_set():
             raise NotReady("model is still loading; LoRAs are checked against it", retry_after=5)
-        self.assets.begin_validation(asset_id)
-        try:
-            await run_in_threadpool(self._validate_and_publish, asset_id)
-        except _Rejected as exc:  # the reason goes to status_details and to the answer
-            await run_in_threadpool(self.assets.reject, asset_id, str(exc))
-            return str(exc)
-        except (OSError, NotFound):
-            raise Conflict(f"asset {asset_id} was deleted during validation") from None
-        finally:
-            self.assets.end_validation(asset_id)
-        return None
-
-    def _validate_and_publish(self, asset_id: str) -> None:
-        cache = self.engine.loras if self.engine is not None else None
-        if cache is None:
-            raise _Rejected("this server serves no LoRAs")
-        record = self.assets.record(asset_id)
-        try:
-            read_lora(self.assets.staging_file(asset_id), record.name, cache.shapes, cache.max_bytes)
-            self.assets.publish(asset_id)
-        except (LoraError, Conflict) as exc:
-            raise _Rejected(problem(exc).message if isinstance(exc, LoraError) else exc.message) from None
-
-
-class _Rejected(Exception):
-    """An uploaded file that cannot be a LoRA of this pipeline; the message says why."""
-
-
-def _too_large(max_bytes: int) -> str:
-    return f"the file exceeds the {max_bytes / 2**20:.4g} MB limit (--max-lora-mb)"
+        return self.engine.loras if self.engine is not None else None
 
 
 def octoai_response(result: GenerationResult, spec: GenerationSpec, encoding: str) -> GenerateResponse:

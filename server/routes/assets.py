@@ -97,7 +97,7 @@ def errors(*codes: int) -> dict:
 )
 async def create_asset(body: CreateAssetRequest, request: Request, service: Service):
     data = _check_create(body)
-    asset, token = await run_in_threadpool(service.create_asset, body.name, body.description or "", data)
+    asset, token = await run_in_threadpool(service.assets.create, body.name, body.description or "", data)
     return {"asset": asset, "transfer_api": _transfer_api(request, asset["id"], token)}
 
 
@@ -110,7 +110,7 @@ async def list_assets(
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0),
 ):
-    assets = await run_in_threadpool(service.list_assets)
+    assets = await run_in_threadpool(service.assets.all)
     if name is not None:
         assets = [a for a in assets if a["name"] == name]
     if asset_type:
@@ -128,7 +128,7 @@ async def list_assets(
     summary="Get an asset by id or [owner:]name",
 )
 async def get_asset(asset_id: str, service: Service):
-    asset = await run_in_threadpool(service.get_asset, asset_id)
+    asset = await run_in_threadpool(service.assets.find, asset_id)
     return {"asset": asset, "transfer_api": {"type": "none"}}
 
 
@@ -139,7 +139,7 @@ async def get_asset(asset_id: str, service: Service):
     summary="Delete an asset and its file",
 )
 async def delete_asset(asset_id: str, service: Service):
-    return await run_in_threadpool(service.delete_asset, asset_id)
+    return await run_in_threadpool(service.assets.delete, asset_id)
 
 
 @router.put(
@@ -151,7 +151,7 @@ async def delete_asset(asset_id: str, service: Service):
 async def upload_asset_file(asset_id: str, request: Request, service: Service, token: str = ""):
     declared = request.headers.get("content-length", "")
     length = int(declared) if declared.isdigit() else None
-    size = await service.upload_asset(asset_id, token, request.stream(), length)
+    size = await service.assets.upload(asset_id, token, request.stream(), length)
     return {"size_bytes": size}
 
 
@@ -162,7 +162,7 @@ async def upload_asset_file(asset_id: str, request: Request, service: Service, t
     summary="Download (no bearer)",
 )
 async def download_asset_file(asset_id: str, service: Service, token: str = ""):
-    path = service.asset_file(asset_id, token)
+    path = service.assets.file(asset_id, token)
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
@@ -173,4 +173,4 @@ async def download_asset_file(asset_id: str, service: Service, token: str = ""):
     summary="Check, then publish",
 )
 async def complete_upload(asset_id: str, service: Service):
-    return {"error": await service.complete_upload(asset_id)}
+    return {"error": await service.assets.complete_upload(asset_id)}
