@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from pipelines.family import FLUX_DEV, FLUX_SCHNELL
 from server.auth import require_bearer
@@ -119,9 +120,12 @@ async def _generate(
         return JSONResponse(
             status_code=202, content=AsyncAccepted(response_id=record.id, poll_url=poll_url).model_dump()
         )
-    return await service.generate(
+    response = await service.generate(
         spec, encoding=encoding, request_id=request_id, client_gone=client_gone(request), log_fields=fields
     )
+    # Serialized off the event loop: a multi-MB body would stall every other request meanwhile.
+    body = await run_in_threadpool(response.model_dump_json)
+    return Response(content=body, media_type="application/json")
 
 
 def _status(request: Request, view: AsyncView) -> AsyncStatus:
