@@ -173,14 +173,19 @@ def start(settings: Settings) -> None:
 
 
 def stop(started_ray: bool) -> None:
-    """Drain and remove every replica; then stop Serve and Ray when this process started them."""
+    """Drain and remove every replica; then stop Serve and Ray when this process started them.
+
+    The application goes first, while the proxies still hold their clients' connections: Ray stops
+    routing to the replicas and lets their requests finish. `serve.shutdown()` alone stops the
+    proxies at the same time, which drops every request in flight.
+    """
     import ray
 
     with contextlib.suppress(Exception):
-        if started_ray:
+        serve.delete(APP_NAME)
+    if started_ray:
+        with contextlib.suppress(Exception):
             serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
     ray.shutdown()
 
 

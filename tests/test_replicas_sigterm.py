@@ -46,19 +46,31 @@ def test_sigterm_finishes_the_running_request_exits_zero_and_leaves_no_ray_proce
         family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
         assert any("raylet" in " ".join(p.cmdline()) for p in family if p.is_running())
         outcome: dict = {}
-        body = {"prompt": "a long one", "width": 512, "height": 512, "steps": 40}
-        running = threading.Thread(
-            target=lambda: outcome.update(r=httpx.post(f"{url}/generate/flux-dev", json=body, timeout=120))
-        )
+        # 200 steps of 4 images: about 10 s of work here (200 steps of one image took 2.4 s), so
+        # SIGTERM lands mid-job even on a faster machine.
+        body = {"prompt": "a long one", "width": 512, "height": 512, "steps": 200, "num_images": 4}
+
+        def generate() -> None:
+            try:
+                outcome["response"] = httpx.post(f"{url}/generate/flux-dev", json=body, timeout=180)
+            except httpx.HTTPError as exc:
+                outcome["response"] = exc
+            outcome["answered_at"] = time.monotonic()
+
+        running = threading.Thread(target=generate)
         running.start()
         time.sleep(2.0)  # the request is on a replica, generating
+        signalled_at = time.monotonic()
         server.send_signal(signal.SIGTERM)
-        running.join(120)
+        running.join(180)
         assert server.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-2000:]
     finally:
         if server.poll() is None:
             server.kill()
-    assert outcome["r"].status_code == 200 and len(outcome["r"].json()["images"]) == 1
+    response = outcome["response"]
+    assert isinstance(response, httpx.Response), (response, (tmp_path / "serve.log").read_text()[-3000:])
+    assert response.status_code == 200 and len(response.json()["images"]) == 4
+    assert outcome["answered_at"] > signalled_at, "the job ended before SIGTERM: nothing was drained"
     time.sleep(1.0)
     left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [" ".join(p.cmdline())[:120] for p in left]
