@@ -9,6 +9,7 @@ import re
 import httpx
 import pytest
 from conftest import STEPS
+from engine_control import wait_until
 
 URL_PATH = "/generate/flux-dev"
 
@@ -72,10 +73,22 @@ def access_lines(caplog) -> list[dict]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "octoflux.access"]
 
 
+def wait_logged(caplog, *request_ids: str) -> None:
+    """Wait for the access lines of these requests: the server writes a request's line after it has
+    sent the response, on its own thread, so the client can hold the response before the line exists."""
+
+    def logged() -> bool:
+        seen = {line["request_id"] for line in access_lines(caplog)}
+        return all(request_id in seen for request_id in request_ids)
+
+    wait_until(logged, what=f"the access log lines of {', '.join(request_ids)}")
+
+
 def test_one_json_log_line_per_request_with_the_job_figures(server, caplog):
     caplog.set_level(logging.INFO, logger="octoflux.access")
     response = generate(server, headers={"X-Request-ID": "log-me"})
     assert response.status_code == 200
+    wait_logged(caplog, "log-me")
     lines = [line for line in access_lines(caplog) if line["request_id"] == "log-me"]
     assert len(lines) == 1
     line = lines[0]
@@ -92,6 +105,7 @@ def test_prompt_is_logged_only_when_the_request_asks(server, caplog):
     httpx.post(f"{server.url}{URL_PATH}", json=payload, headers={"X-Request-ID": "with-prompt"}, timeout=60)
     payload["log_prompt"] = False
     httpx.post(f"{server.url}{URL_PATH}", json=payload, headers={"X-Request-ID": "without"}, timeout=60)
+    wait_logged(caplog, "with-prompt", "without")
     lines = {line["request_id"]: line for line in access_lines(caplog)}
     assert lines["with-prompt"]["prompt"] == "secret recipe"
     assert "prompt" not in lines["without"]
@@ -103,5 +117,6 @@ def test_errors_are_logged_with_their_kind(server, caplog):
     httpx.post(
         f"{server.url}{URL_PATH}", json={"prompt": "x", "steps": "30"}, headers={"X-Request-ID": "bad"}
     )
+    wait_logged(caplog, "bad")
     line = next(line for line in access_lines(caplog) if line["request_id"] == "bad")
     assert line["status"] == 422 and line["error"] == "validation"

@@ -318,13 +318,14 @@ def test_result_links_live_in_the_state_store_and_expire_with_the_ttl(tmp_path):
     from server.state_store import open_state_store
 
     url = f"sqlite:///{tmp_path}/state.db"
-    jobs = AsyncJobs(open_state_store(url), replica="r1", ttl_s=0.2)
+    # A TTL long enough that the reads right after storing come before it on a slow machine.
+    jobs = AsyncJobs(open_state_store(url), replica="r1", ttl_s=1.0)
     png = base64.b64encode(b"\x89PNG fake").decode()
     result = GenerateResponse(images=[ImageGeneration(image_b64=png, seed=1)], prediction_time_ms=1.0)
     jobs.store_links(["tok"], result, "image/png", "req")
-    other_replica = AsyncJobs(open_state_store(url), replica="r2", ttl_s=0.2)
+    other_replica = AsyncJobs(open_state_store(url), replica="r2", ttl_s=1.0)
     assert other_replica.linked_image("tok") == (b"\x89PNG fake", "image/png")
     assert other_replica.get(jobs.store.get_link("tok")[0], None) is None  # no poll URL reaches it
     assert jobs.linked_image("nope") is None
-    time.sleep(0.3)
+    time.sleep(1.1)
     assert jobs.linked_image("tok") is None

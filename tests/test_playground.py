@@ -408,6 +408,10 @@ def test_cancel_stops_a_running_job(playground, server):
 
 def test_a_full_queue_shows_a_busy_banner_with_the_wait(playground, server):
     page = playground.page
+    # The page is ready before the queue fills: loading it takes seconds on a slow machine, and the
+    # running job must not have finished (letting the waiting one out of the queue) by the click.
+    playground.open()
+    playground.settings("one too many")
     running = _long_job(server)
     waiting = None
     try:
@@ -415,8 +419,6 @@ def test_a_full_queue_shows_a_busy_banner_with_the_wait(playground, server):
         while _status(server, running) != "running" and time.monotonic() < deadline:
             time.sleep(0.05)
         waiting = _long_job(server)  # the queue holds one: the page's request is the one too many
-        playground.open()
-        playground.settings("one too many")
         with page.expect_response("**/generate/flux-dev") as refused:
             page.click("#generate")
         assert refused.value.status == 429

@@ -72,7 +72,9 @@ def body(prompt: str, steps: int) -> dict:
 def test_sigterm_drains_finishes_the_running_job_and_exits_zero(tiny_checkpoint, tmp_path):
     with serve_process(tiny_checkpoint, tmp_path, "--shutdown-timeout", "120") as (process, url, log_path):
         results: dict = {}
-        running = post_in_thread(url, body("running", steps=20), results, "running")
+        # 200 steps, the most allowed: the job must still run while the test queues two more and sends SIGTERM
+        # (20 steps of the tiny model take well under a second).
+        running = post_in_thread(url, body("running", steps=200), results, "running")
         wait_until(lambda: in_flight(url) == 1, what="the job to start")
         queued = post_in_thread(url, body("queued", steps=2), results, "queued")
         async_job = httpx.post(
@@ -87,6 +89,11 @@ def test_sigterm_drains_finishes_the_running_job_and_exits_zero(tiny_checkpoint,
         assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
         queued.join(10)
         assert results["queued"].status_code == 503
+        # The async job's record is failed by its own task, not before the queued request's 503.
+        wait_until(
+            lambda: httpx.get(async_job["poll_url"], timeout=5).json()["status"] != "pending",
+            what="the queued async job to be failed",
+        )
         status = httpx.get(async_job["poll_url"], timeout=5).json()
         assert status["status"] == "failed" and "shut down" in status["error"]
 
@@ -104,7 +111,9 @@ def test_sigterm_drains_finishes_the_running_job_and_exits_zero(tiny_checkpoint,
 def test_sigterm_interrupts_a_job_longer_than_the_shutdown_timeout(tiny_checkpoint, tmp_path):
     with serve_process(tiny_checkpoint, tmp_path, "--shutdown-timeout", "1") as (process, url, _):
         results: dict = {}
-        running = post_in_thread(url, body("endless", steps=200), results, "running")
+        # Far longer than the 1 s shutdown timeout, so it is still running when that expires.
+        endless = {**body("endless", steps=200), "num_images": 4}
+        running = post_in_thread(url, endless, results, "running")
         wait_until(lambda: in_flight(url) == 1, what="the job to start")
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)

@@ -504,9 +504,10 @@ def test_links_resolve_until_they_expire(store):
     assert store.get_link("unknown") is None
     store.put_link("tok-gone", "j1", 0, expires_at=now - 1)
     assert store.get_link("tok-gone") is None
-    store.put_link("tok-short", "j1", 0, expires_at=time.time() + 0.3)
+    # Long enough that the read right after the write comes before it on a slow machine.
+    store.put_link("tok-short", "j1", 0, expires_at=time.time() + 1.0)
     assert store.get_link("tok-short") == ("j1", 0)
-    time.sleep(0.4)
+    time.sleep(1.1)
     assert store.get_link("tok-short") is None
 
 

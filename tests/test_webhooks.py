@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_control import wait_until
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
-from webhook_receiver import Receiver, running_receiver, serve_in_thread
+from webhook_receiver import Receiver, running_receiver, serve_in_thread, wait_final
 
 from server.records import Delivery
 from server.settings import Settings
@@ -61,18 +62,30 @@ def make_dispatcher():
         dispatcher.stop()
 
 
-def wait_final(outbox: SqliteOutbox, delivery_id: str, timeout: float = 15.0) -> Delivery:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        delivery = outbox.get_delivery(delivery_id)
-        if delivery and delivery.status != "pending":
-            return delivery
-        time.sleep(0.02)
-    raise AssertionError(f"delivery {delivery_id} still pending: {outbox.get_delivery(delivery_id)}")
-
-
 def counter(outcome: str) -> float:
     return REGISTRY.get_sample_value("octoflux_webhook_deliveries_total", {"outcome": outcome}) or 0.0
+
+
+def counted(outcome: str, before: float) -> float:
+    """The counter once it moved past `before`: the dispatcher counts an attempt (and logs it) only
+    after it has written the attempt's outcome to the outbox, which is what `wait_final` sees."""
+    wait_until(lambda: counter(outcome) > before, what=f"the {outcome!r} webhook counter to move")
+    return counter(outcome)
+
+
+def attempt_lines(caplog, delivery_id: str, attempts: int) -> list[dict]:
+    """The dispatcher's log lines about `delivery_id`, once there are `attempts` of them (written
+    after the outbox record, like the counter)."""
+
+    def lines() -> list[dict]:
+        return [
+            json.loads(r.getMessage())
+            for r in caplog.records
+            if r.name == "octoflux.webhooks" and delivery_id in r.getMessage()
+        ]
+
+    wait_until(lambda: len(lines()) >= attempts, what=f"{attempts} log lines about {delivery_id}")
+    return lines()
 
 
 def enqueue(dispatcher: WebhookDispatcher, url: str, job_id: str, kind: str = "completed") -> Delivery:
@@ -163,7 +176,7 @@ def test_receiver_that_keeps_failing_is_given_up_after_the_retries(receiver, out
     assert final.status == "failed" and final.attempts == 3 and final.last_error == "HTTP 500"
     ids = {c["headers"]["webhook-id"] for c in receiver.bodies("always-500") if c["body"] == delivery.payload}
     assert ids == {delivery.id}
-    assert counter("failed") == failed_before + 1
+    assert counted("failed", failed_before) == failed_before + 1
 
 
 def test_refused_connection_is_retried_then_failed(outbox, make_dispatcher):
@@ -194,11 +207,11 @@ def test_retry_schedule_doubles_from_three_seconds():
 
 def test_delivery_survives_a_dispatcher_restart(receiver, tmp_path, make_dispatcher):
     path = tmp_path / "durable.sqlite"
-    first = make_dispatcher(SqliteOutbox(path), backoff_s=0.5)
+    # The retry is due 2 s after the first attempt: the time this test has to see that attempt and
+    # stop the dispatcher, even on a slow machine.
+    first = make_dispatcher(SqliteOutbox(path), backoff_s=2.0)
     delivery = enqueue(first, f"{receiver.base}/hook/fail-once", "job-restart")
-    deadline = time.monotonic() + 10
-    while SqliteOutbox(path).get_delivery(delivery.id).attempts == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: SqliteOutbox(path).get_delivery(delivery.id).attempts > 0, what="the first attempt")
     first.stop()  # the process goes away after one failed attempt, before the retry
     assert SqliteOutbox(path).get_delivery(delivery.id).status == "pending"
     calls_before = len(receiver.bodies("fail-once"))
@@ -243,8 +256,7 @@ def test_large_response_body_is_not_read_past_the_limit(receiver, outbox, make_d
     # Reading the endless body would never end: the attempt would time out and be retried.
     final = wait_final(outbox, delivery.id)
     assert final.status == "delivered" and final.attempts == 1
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "octoflux.webhooks"]
-    (line,) = [line for line in lines if line["id"] == delivery.id]
+    (line,) = attempt_lines(caplog, delivery.id, attempts=1)
     assert line["status_code"] == 200 and line["response_bytes"] == RESPONSE_LIMIT
 
 
@@ -253,8 +265,7 @@ def test_one_json_log_line_per_attempt_without_the_secret(receiver, outbox, make
     dispatcher = make_dispatcher(outbox)
     delivery = enqueue(dispatcher, f"{receiver.base}/hook/fail-once", "job-logged")
     wait_final(outbox, delivery.id)
-    records = [r for r in caplog.records if r.name == "octoflux.webhooks" and delivery.id in r.getMessage()]
-    lines = [json.loads(r.getMessage()) for r in records]
+    lines = attempt_lines(caplog, delivery.id, attempts=2)
     assert [line["attempt"] for line in lines] == [1, 2]
     assert [line["status_code"] for line in lines] == [500, 200]
     assert [line["outcome"] for line in lines] == ["retry", "delivered"]
@@ -350,7 +361,7 @@ def test_dns_rebinding_to_loopback_is_refused_at_delivery(receiver, outbox, make
     final = wait_final(outbox, delivery.id)
     assert final.status == "failed" and final.attempts == 1 and "loopback" in final.last_error
     assert receiver.bodies("rebound") == []
-    assert counter("refused") == refused_before + 1
+    assert counted("refused", refused_before) == refused_before + 1
 
 
 def test_request_goes_to_the_checked_address_with_the_original_host(receiver, outbox, make_dispatcher):

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from engine_control import WAIT, EngineControl, wait_until
 from standardwebhooks import Webhook
-from webhook_receiver import running_receiver
+from webhook_receiver import running_receiver, wait_final
 
 from server.errors import WORKER_LOST
 from server.records import JobRecord
@@ -67,21 +67,6 @@ def calls_for(receiver, behaviour: str, response_id: str, count: int = 1) -> lis
     return [{**call, "event": Webhook(SECRET).verify(call["body"], call["headers"])} for call in about_job()]
 
 
-def settled_delivery(live, webhook_id: str):
-    """The outbox record once the dispatcher has written the outcome of the attempt the receiver saw.
-
-    The receiver records a call before its response reaches the dispatcher, so the record can still
-    read `pending` for a moment after the call arrived.
-    """
-
-    def settled():
-        delivery = live.service.state.get_delivery(webhook_id)
-        return delivery if delivery is not None and delivery.status != "pending" else None
-
-    wait_until(settled, what=f"webhook {webhook_id} to be delivered or failed")
-    return settled()
-
-
 def test_completed_job_sends_one_signed_webhook(server, receiver):
     accepted = submit(server, f"{receiver.base}/hook/completed", "a signed lighthouse")
     assert accepted.status_code == 202
@@ -99,7 +84,7 @@ def test_completed_job_sends_one_signed_webhook(server, receiver):
     assert call["headers"]["webhook-id"] == message_id(response_id, "generation.completed")
     result = httpx.get(event["data"]["response_url"], timeout=WAIT)
     assert result.status_code == 200 and len(result.json()["images"]) == 1
-    delivery = settled_delivery(server, call["headers"]["webhook-id"])
+    delivery = wait_final(server.service.state, call["headers"]["webhook-id"])
     assert (delivery.status, delivery.attempts) == ("delivered", 1)
     time.sleep(0.3)  # a second message would have been sent by now
     assert len(calls_for(receiver, "completed", response_id)) == 1
@@ -140,7 +125,7 @@ def test_receiver_answering_500_once_gets_the_same_webhook_id_again(server, rece
     first, second = calls_for(receiver, "fail-once", response_id, count=2)
     assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"]
     assert first["body"] == second["body"] and first["event"]["type"] == "generation.completed"
-    delivery = settled_delivery(server, first["headers"]["webhook-id"])
+    delivery = wait_final(server.service.state, first["headers"]["webhook-id"])
     assert (delivery.status, delivery.attempts, delivery.last_error) == ("delivered", 2, None)
 
 

@@ -16,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from server.records import Delivery
+
 
 class Receiver:
     """A webhook receiver on a loopback port; /hook/{behaviour} answers as the name says."""
@@ -62,6 +64,18 @@ class Receiver:
                 raise AssertionError(f"{len(calls)} of {count} webhook calls to /hook/{behaviour} arrived")
             time.sleep(0.02)
         return calls
+
+
+def wait_final(outbox, delivery_id: str, timeout: float = 15.0) -> Delivery:
+    """The outbox record (any store with `get_delivery`) once the dispatcher has written the outcome:
+    delivered or failed. A receiver sees a call before the dispatcher records how it went."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        delivery = outbox.get_delivery(delivery_id)
+        if delivery and delivery.status != "pending":
+            return delivery
+        time.sleep(0.02)
+    raise AssertionError(f"delivery {delivery_id} still pending: {outbox.get_delivery(delivery_id)}")
 
 
 def serve_in_thread(app, **ssl_files) -> tuple[uvicorn.Server, threading.Thread, int]:
