@@ -179,8 +179,9 @@ def test_uploaded_lora_is_listed_and_used_on_both_replicas(url, tmp_path):
 
 
 def test_every_replica_full_answers_429_with_retry_after_never_a_ray_error(url):
-    # 2 replicas x 6 requests, as many again waiting in the proxy: 24 places.
-    responses = generate_many(url, 40, steps=20)
+    # 2 replicas x 6 requests, as many again waiting in the proxy: 24 places. 30 steps keep them
+    # taken while 60 requests arrive; here about 30 are answered 429 (on a slow machine, fewer).
+    responses = generate_many(url, 60, steps=30)
     statuses = [r.status_code for r in responses]
     assert set(statuses) == {200, 429}, [r.text for r in responses if r.status_code not in (200, 429)]
     for response in responses:
