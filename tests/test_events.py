@@ -168,13 +168,16 @@ def test_two_watchers_see_the_same_events(server, control):
 
 def test_dropping_the_stream_leaves_the_job_running(server, control):
     gate = control.hold("an abandoned moon")
-    accepted = submit(server, "an abandoned moon")
+    # Enough steps that the job still runs when the server next writes to the dropped stream (the
+    # next progress event), which is when it can notice the drop: 4 steps can end before that.
+    accepted = submit(server, "an abandoned moon", steps=12)
     assert control.reached["an abandoned moon"].wait(WAIT)
     with client() as http, connect_sse(http, "GET", f"{accepted['poll_url']}/events") as source:
         assert next(source.iter_sse()).event == "progress"
     gate.set()
     with client() as http:
         wait_until(lambda: http.get(accepted["poll_url"]).json()["status"] == "completed", what="the job")
+    assert control.steps["an abandoned moon"] == 12
 
 
 def test_heartbeat_comments_while_nothing_happens(server, control, monkeypatch):

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageFilter
 
 from server.cors import install_cors
+from server.errors import JobCancelled
 from server.schemas import SUPPORTED_RESOLUTIONS
 from server.settings import Settings
 from tests.conftest import gradient_image, pixels
@@ -399,9 +400,14 @@ def test_cancel_stops_a_running_job(playground, server):
         page.click("#generate")
     response_id = accepted.value.json()["response_id"]
     page.wait_for_selector("#status:text-matches('Running|Step')")
+    job = server.service.jobs.running  # the worker's job: the record alone says nothing of the worker
+    assert job is not None and job.id == response_id
     page.click("#cancel")
     page.wait_for_selector("#status:has-text('Cancelled.')", timeout=15_000)
     assert _status(server, response_id) == "cancelled"
+    # The worker stopped it at its next step (800 steps would take far longer), not just the record.
+    stopped = job.future.exception(timeout=10)
+    assert isinstance(stopped, JobCancelled) and stopped.started, stopped
     assert playground.runs() == 0
     assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
 
