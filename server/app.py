@@ -6,14 +6,16 @@ import asyncio
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.body_limit import BodySizeLimit, octoai_body
 from server.codec import configure_pillow
 from server.cors import install_cors
 from server.engine_factory import EngineFactory, build_engine
 from server.http_errors import install_error_handlers
-from server.openai_errors import too_large_body
+from server.openai_errors import too_large_body, unrouted_error
 from server.requestlog import RequestContext
 from server.routes import assets, events, health, octoai, openai, playground
 from server.service import GenerationService
@@ -24,6 +26,13 @@ __all__ = ["build_engine", "create_app"]
 
 def too_large_body_for(path: str, message: str) -> dict:
     return too_large_body(message) if openai.is_openai_path(path) else octoai_body(message)
+
+
+async def unrouted_in_dialect(request: Request, exc: StarletteHTTPException) -> Response:
+    """404s and 405s from the router, in the error shape of the API the path belongs to."""
+    if openai.is_openai_path(request.url.path):
+        return unrouted_error(request, exc)
+    return await http_exception_handler(request, exc)
 
 
 def create_app(
@@ -51,6 +60,7 @@ def create_app(
     app = FastAPI(title="octoflux", summary="OctoAI-compatible FLUX.1-dev server", lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
+    app.add_exception_handler(StarletteHTTPException, unrouted_in_dialect)
     app.include_router(health.router)
     app.include_router(octoai.router)
     app.include_router(events.router)

@@ -16,8 +16,6 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 QUEUE_DEPTH = Gauge("octoflux_queue_depth", "Jobs waiting for the worker, not counting the running one")
 JOBS_IN_FLIGHT = Gauge("octoflux_jobs_in_flight", "Jobs the worker is running now (0 or 1)")
-ASYNC_RESULTS = Gauge("octoflux_async_results", "Async jobs remembered (any status)")
-ASYNC_RESULT_BYTES = Gauge("octoflux_async_result_bytes", "Bytes of finished async results held", ["where"])
 
 REQUEST_SECONDS = Histogram(
     "octoflux_request_seconds",

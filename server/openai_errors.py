@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -90,7 +90,28 @@ def validation_problem(errors: list[dict]) -> Problem:
         return Problem(400, "invalid_request", message)
     if kind == "json_invalid":
         return Problem(400, "invalid_json", f"the body is not valid JSON: {message}")
+    if message.startswith("Expected UploadFile"):  # a text part where a file part belongs
+        message = "expected a file upload (a part with a filename), got a text field"
     return Problem(400, "invalid_value", f"Invalid value for '{param}': {message}", param)
+
+
+def unrouted_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """A path under the OpenAI prefixes that no route serves (404), or a method it lacks (405)."""
+    where = f"{request.method} {request.url.path}"
+    message = f"Invalid URL ({where})" if exc.status_code == 404 else f"{exc.detail} ({where})"
+    return openai_error(request, Problem(exc.status_code, "invalid_url", message), exc.headers)
+
+
+def _is_form(request: Request) -> bool:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media_type in ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _not_a_form(request: Request) -> Problem:
+    """A JSON (or other) body sent where a form is read: every field would look missing."""
+    sent = request.headers.get("content-type") or "none"
+    message = f"this endpoint takes multipart/form-data (got Content-Type: {sent})"
+    return Problem(400, "invalid_content_type", message)
 
 
 class OpenAIRoute(APIRoute):
@@ -98,11 +119,14 @@ class OpenAIRoute(APIRoute):
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        self._takes_form = self.body_field is not None and isinstance(self.body_field.field_info, params.Form)
 
         async def serve(request: Request):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
+                if self._takes_form and not _is_form(request):
+                    return openai_error(request, _not_a_form(request))
                 return openai_error(request, validation_problem(list(exc.errors())))
             except BodyTooLarge as exc:
                 return openai_error(request, Problem(413, "body_too_large", str(exc.detail)))

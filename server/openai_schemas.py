@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from server.schemas import MAX_SEED, SUPPORTED_RESOLUTIONS, GenerateRequest
 
@@ -24,6 +24,20 @@ IGNORED_FIELDS = (
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _not_streamed(stream: bool | None) -> bool | None:
+    if stream:
+        raise ValueError("streaming is not offered; send false or leave it out")
+    return stream
+
+
+# A bool, so that a multipart form's "false" is read as JSON's false is.
+NoStream = Annotated[
+    bool | None,
+    AfterValidator(_not_streamed),
+    Field(description="streaming is not offered; false or omitted"),
+]
 
 
 def size_error(size: str) -> str:
@@ -101,7 +115,7 @@ class ImageOptions(BaseModel):
 class ImageGenerateRequest(ImageOptions):
     """The JSON body of `POST /v1/images/generations`."""
 
-    stream: Literal[False] | None = Field(None, description="streaming is not offered; false or omitted")
+    stream: NoStream = None
 
 
 class ImageEditForm(ImageOptions):
@@ -119,7 +133,7 @@ class ImageEditForm(ImageOptions):
     strength: Annotated[Finite, Field(gt=0, le=1)] | None = Field(
         None, description="extension: how much to change, 0.8 without a mask and 1.0 with one by default"
     )
-    stream: Literal[False] | None = None
+    stream: NoStream = None
 
     def images(self) -> list[UploadFile]:
         return [*(self.image or []), *(self.image_array or [])]

@@ -69,6 +69,28 @@ def test_models_list_names_the_served_model(client):
     assert models.data[0].created > 0
 
 
+def test_models_retrieve_gives_the_served_model_and_404_for_others(client):
+    model = client.models.retrieve("flux-dev")
+    assert (model.id, model.object, model.owned_by) == ("flux-dev", "model", "octoflux")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("dall-e-3")
+    assert caught.value.body["code"] == "model_not_found" and "dall-e-3" in caught.value.body["message"]
+
+
+def test_unknown_path_and_wrong_method_answer_in_openai_shape(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    unknown = httpx.post(f"{server.url}/v1/images/variations", headers=headers)
+    wrong_method = httpx.get(f"{server.url}/v1/images/generations", headers=headers)
+    assert (unknown.status_code, wrong_method.status_code) == (404, 405)
+    assert wrong_method.headers["allow"] == "POST"
+    for response in (unknown, wrong_method):
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_url", error
+    assert unknown.json()["error"]["message"] == "Invalid URL (POST /v1/images/variations)"
+    # The OctoAI routes keep FastAPI's shape, which the octoai SDK parses.
+    assert httpx.get(f"{server.url}/generate/flux-dev").json() == {"detail": "Method Not Allowed"}
+
+
 # --- generations -------------------------------------------------------------------------------
 
 
@@ -205,6 +227,24 @@ def test_served_model_id_is_accepted(client):
     assert len(response.data) == 1
 
 
+def test_stream_false_is_accepted_on_both_routes_and_true_is_400(server, client):
+    assert len(client.images.generate(prompt="a fox", size=SIZE, stream=False, extra_body=FAST).data) == 1
+    init = ("init.png", png_bytes(gradient_image(512, 512)), "image/png")
+    edited = client.images.edit(image=init, prompt="a fox", size=SIZE, stream=False, extra_body=FAST)
+    assert len(edited.data) == 1  # multipart sends the string "false"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = f"{server.url}/v1/images"
+    for response in (
+        httpx.post(f"{url}/generations", json={"prompt": "a fox", "stream": True}, headers=headers),
+        httpx.post(
+            f"{url}/edits", data={"prompt": "a fox", "stream": "true"}, files={"image": init}, headers=headers
+        ),
+    ):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "stream" and "streaming is not offered" in error["message"]
+
+
 def test_unknown_argument_and_bad_extension_are_400(client):
     assert bad_request(lambda: client.images.generate(prompt="a fox", extra_body={"negative": 1}))[
         "param"
@@ -258,6 +298,13 @@ def test_bad_input_over_raw_http_is_openai_400_never_fastapi_422(server):
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     missing = httpx.post(f"{url}/generations", json={"size": SIZE}, headers=headers).json()["error"]
     assert missing["param"] == "prompt" and missing["code"] == "missing_required_parameter"
+    json_to_edits = httpx.post(f"{url}/edits", json={"prompt": "a fox"}, headers=headers).json()["error"]
+    assert (
+        json_to_edits["code"] == "invalid_content_type" and "multipart/form-data" in json_to_edits["message"]
+    )
+    text_for_file = httpx.post(f"{url}/edits", data={"prompt": "a fox", "image": "fox.png"}, headers=headers)
+    error = text_for_file.json()["error"]
+    assert error["param"] == "image" and "expected a file upload" in error["message"], error
 
 
 def test_bad_key_is_authentication_error(server):

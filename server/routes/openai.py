@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.family import Family
 from server.auth import require_bearer
-from server.errors import InvalidField
+from server.errors import InvalidField, NotFound
 from server.openai_errors import OpenAIRoute
 from server.openai_images import read_image, read_mask
 from server.openai_schemas import (
@@ -44,6 +44,10 @@ def is_openai_path(path: str) -> bool:
     return path.startswith(PATHS)
 
 
+class ModelNotFound(NotFound):
+    kind = "model_not_found"  # OpenAI's code for an unknown model id
+
+
 AUTHORIZED = [Depends(require_bearer)]
 OWNED_BY = "octoflux"
 STARTED = int(time.time())  # `created` of the served model: when this process started serving it
@@ -64,6 +68,20 @@ async def list_models(service: Service) -> ModelList:
     family = service.family
     cards = [ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)] if family else []
     return ModelList(data=cards)
+
+
+@router.get(
+    "/v1/models/{model}",
+    dependencies=AUTHORIZED,
+    response_model=ModelCard,
+    responses={**ERRORS, 404: {"model": OpenAIError, "description": "Not the served model"}},
+)
+async def retrieve_model(model: str, service: Service) -> ModelCard:
+    """The served model's card (OpenAI's models.retrieve); 404 for any other id."""
+    family = service.family
+    if family is None or model != family.model_id:
+        raise ModelNotFound(f"The model '{model}' does not exist")
+    return ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)
 
 
 @router.post(
