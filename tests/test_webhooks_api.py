@@ -146,6 +146,18 @@ def test_webhook_header_on_a_sync_call_is_a_422(server, receiver):
     assert "needs an async call" in header_error(response)
 
 
+def test_internationalized_host_is_named_as_sent(server):
+    # Header bytes are UTF-8 here; the 422 must show the host, not its latin-1 mojibake.
+    url = "https://例え.テスト/hook"
+    response = httpx.post(
+        f"{server.url}/generate/flux-dev",
+        json=body("an idn lighthouse"),
+        headers={**ASYNC, WEBHOOK_HEADER: url.encode()},
+        timeout=WAIT,
+    )
+    assert "'例え.テスト' does not resolve" in header_error(response)
+
+
 @pytest.mark.parametrize("url", ["ftp://example.com/hook", "not a url", "https://"])
 def test_bad_webhook_urls_are_a_422_naming_the_header(server, url):
     message = header_error(submit(server, url, "a badly hooked lighthouse"))

@@ -24,6 +24,17 @@ def request_owner(request: Request) -> str | None:
     return owner_key(request.headers.get("authorization", "").partition(" ")[2].strip())
 
 
+def header_text(value: str | None) -> str | None:
+    """A header as its sender wrote it: Starlette decodes header bytes as latin-1, so a UTF-8 value
+    (a URL with an internationalized host) is read back as UTF-8 when it is one."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 def absolute_url(request: Request, name: str, **params: str) -> str:
     public = request.app.state.service.settings.public_url
     if public:

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.family import FLUX_DEV, FLUX_SCHNELL
 from server.auth import require_bearer
-from server.routes.deps import Service, absolute_url, client_gone, log_spec, request_owner
+from server.routes.deps import Service, absolute_url, client_gone, header_text, log_spec, request_owner
 from server.schemas import AsyncAccepted, AsyncStatus, ErrorDetail, GenerateRequest, GenerateResponse
 from server.service import AsyncView, GenerationService
 
@@ -101,7 +101,7 @@ async def _generate(
     fields: dict = request.state.log
     is_async = (async_header or "").strip().lower() in ASYNC_TRUE
     fields["api"] = "async" if is_async else "sync"
-    webhook_url = await service.check_webhook(webhook_header, is_async)
+    webhook_url = await service.check_webhook(header_text(webhook_header), is_async)
     spec = await service.prepare(body)
     log_spec(fields, spec, with_prompt=bool(body.log_prompt))
     encoding = body.image_encoding or "png"
