@@ -6,6 +6,7 @@ import base64
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -187,14 +188,17 @@ def test_body_over_the_limit_is_413(server):
     assert response.status_code == 413 and "limit" in response.json()["detail"]
 
 
-def test_chunked_body_over_the_limit_is_413(server):
-    def chunks():
-        yield b'{"prompt": "x", "init_image": "'
-        for _ in range(MAX_BODY_MB * 4):
-            yield b"A" * 2**19
-        yield b'"}'
+def chunked_over_the_limit(head: bytes, tail: bytes) -> Iterator[bytes]:
+    """A body twice the limit, sent in chunks with no Content-Length."""
+    yield head
+    for _ in range(MAX_BODY_MB * 4):
+        yield b"A" * 2**19
+    yield tail
 
-    response = post(server, content=chunks(), headers={"content-type": "application/json"})
+
+def test_chunked_body_over_the_limit_is_413(server):
+    chunks = chunked_over_the_limit(b'{"prompt": "x", "init_image": "', b'"}')
+    response = post(server, content=chunks, headers={"content-type": "application/json"})
     assert response.status_code == 413
 
 
@@ -211,16 +215,10 @@ def test_openai_route_gets_its_413_in_openai_shape(server):
 
 
 def test_openai_chunked_upload_over_the_limit_gets_openai_413(server):
-    def chunks():
-        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
-        for _ in range(MAX_BODY_MB * 4):
-            yield b"A" * 2**19
-        yield b"\r\n--b--\r\n"
-
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    chunks = chunked_over_the_limit(part, b"\r\n--b--\r\n")
     headers = {"content-type": "multipart/form-data; boundary=b"}
-    openai_too_large(
-        httpx.post(f"{server.url}/v1/images/edits", content=chunks(), headers=headers, timeout=60)
-    )
+    openai_too_large(httpx.post(f"{server.url}/v1/images/edits", content=chunks, headers=headers, timeout=60))
 
 
 @pytest.mark.parametrize(
