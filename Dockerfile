@@ -18,8 +18,7 @@ RUN apt-get update \
 WORKDIR /app
 # README.m[d]: the package's readme if present (a glob that matches nothing is skipped).
 COPY pyproject.toml README.m[d] ./
-COPY server ./server
-COPY pipelines ./pipelines
+COPY octoflux ./octoflux
 COPY benchmarks ./benchmarks
 RUN touch README.md && pip install ".[gpu,bench,ray]"
 

@@ -135,7 +135,7 @@ def free_port() -> int:
 @contextmanager
 def spawned_server(model: str, max_queue: int, threads: int | None):
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--device", "cpu"]
+    command = [sys.executable, "-m", "octoflux.cli", "serve", "--model", model, "--device", "cpu"]
     command += ["--port", str(port), "--max-queue", str(max_queue)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if threads:

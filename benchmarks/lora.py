@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from pipelines.loras import LoraCache, LoraLibrary
-from pipelines.tiny import write_tiny_checkpoint
-from pipelines.tiny_lora import make_lora, save_diffusers
+from octoflux.pipelines.loras import LoraCache, LoraLibrary
+from octoflux.pipelines.tiny import write_tiny_checkpoint
+from octoflux.pipelines.tiny_lora import make_lora, save_diffusers
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -83,9 +83,9 @@ def run_compiled(repeats: int, rank: int) -> dict:
     """Slot mode under torch.compile: hot-swap times and recompiles counted after warm-up."""
     from torch._dynamo.testing import CompileCounter
 
-    from pipelines.engine import Engine, GenerationSpec
-    from pipelines.loader import load_flux_pipeline
-    from pipelines.optimize import compile_transformer
+    from octoflux.pipelines.engine import Engine, GenerationSpec
+    from octoflux.pipelines.loader import load_flux_pipeline
+    from octoflux.pipelines.optimize import compile_transformer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.pipeline import PROMPT, Shape, spec_for
 from benchmarks.server import _post, request_body, serve
-from server.codec import PNG_ENCODER, jpeg_bytes, png_bytes
-from server.settings import Settings
+from octoflux.core.codec import PNG_ENCODER, jpeg_bytes, png_bytes
+from octoflux.settings import Settings
 
 log = logging.getLogger("benchmarks.overhead")
 
@@ -67,7 +67,7 @@ def encoder_ms(images, runs: int = 5) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from server.app import build_engine
+    from octoflux.app import build_engine
 
     settings = Settings(model=args.weights, device=args.device, warmup=False, max_batch=1)
     engine = build_engine(settings)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from benchmarks.flops import FluxShape, mfu, transformer_flops_per_step
-from pipelines.engine import Engine, GenerationSpec
+from octoflux.pipelines.engine import Engine, GenerationSpec
 
 PROMPT = "a red fox in a snowy birch forest at dawn"  # short: the tiny CLIP has byte tokens
 QUALITY_SEED = 42

@@ -4,7 +4,7 @@
     python -m benchmarks.progress --redis-url redis://127.0.0.1:6379/0 --device cuda
 
 The event write is `StateStore.append_event` with a progress event (what the worker does at every
-step of an async job); the preview is `pipelines.preview.preview_data_url` on packed latents of each
+step of an async job); the preview is `octoflux.pipelines.preview.preview_data_url` on packed latents of each
 size (projection, resize to 256 px, JPEG) plus its write. The watcher's poll (`events_after` with
 nothing new) is timed too. Prints one JSON object with median and p90 milliseconds.
 
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from pipelines.preview import preview_data_url
-from server.progress import preview_event, progress_event
-from server.records import JobRecord
-from server.state_store import StateStore, open_state_store
-from server.step_events import stored_event
+from octoflux.core.progress import preview_event, progress_event
+from octoflux.core.step_events import stored_event
+from octoflux.pipelines.preview import preview_data_url
+from octoflux.state.records import JobRecord
+from octoflux.state.store import StateStore, open_state_store
 
 
 def _timed(fn, repeat: int) -> dict:

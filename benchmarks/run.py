@@ -31,10 +31,10 @@ from benchmarks.pipeline import (
     relative_error,
     reset_peak_memory,
 )
-from pipelines.loader import ModelLoadError, resolve_device
-from pipelines.optimize import QUALITY_COST, OptimizationError, enable_step_cache
-from pipelines.warmup import warm_up
-from server.settings import Settings
+from octoflux.pipelines.loader import ModelLoadError, resolve_device
+from octoflux.pipelines.optimize import QUALITY_COST, OptimizationError, enable_step_cache
+from octoflux.pipelines.warmup import warm_up
+from octoflux.settings import Settings
 
 log = logging.getLogger("benchmarks")
 
@@ -121,7 +121,7 @@ def settings_for(args: argparse.Namespace, mode: str) -> Settings:
 
 
 def build(settings: Settings, mode: str):
-    from server.app import build_engine
+    from octoflux.app import build_engine
 
     engine = build_engine(settings)
     if mode == "step-cache":

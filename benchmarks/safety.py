@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.loader import resolve_device, resolve_dtype
-from pipelines.safety import SafetyChecker, write_tiny_safety_checker
-from server.settings import parse_sizes
+from octoflux.pipelines.loader import resolve_device, resolve_dtype
+from octoflux.pipelines.safety import SafetyChecker, write_tiny_safety_checker
+from octoflux.settings import parse_sizes
 
 
 def full_size_checker(device: torch.device, dtype: torch.dtype) -> SafetyChecker:

@@ -56,7 +56,16 @@ def wait_for_replicas(url: str, replicas: int, timeout: float) -> None:
 
 def run_one(args, replicas: int, workdir: Path) -> dict:
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--replicas", str(replicas), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "octoflux.cli",
+        "serve",
+        "--replicas",
+        str(replicas),
+        "--port",
+        str(port),
+    ]
     command += ["--model", args.model, "--device", args.device, "--max-queue", str(args.max_queue)]
     command += ["--state-dir", str(workdir / f"state-{replicas}"), "--lora-dir", str(workdir / "loras")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}

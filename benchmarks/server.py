@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import httpx
 
 from benchmarks.pipeline import PROMPT, Shape
-from pipelines.engine import Engine
-from server.codec import encode_images
-from server.embedded import serve_in_thread
-from server.settings import Settings
+from octoflux.core.codec import encode_images
+from octoflux.deploy.embedded import serve_in_thread
+from octoflux.pipelines.engine import Engine
+from octoflux.settings import Settings
 
 
 @contextmanager

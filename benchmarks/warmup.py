@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from pipelines.engine import Engine, GenerationSpec
-from pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
-from pipelines.optimize import apply_optimizations
-from pipelines.warmup import compile_count, warm_up
-from server.schemas import SUPPORTED_RESOLUTIONS
-from server.settings import Settings
+from octoflux.api.octoai.protocol import SUPPORTED_RESOLUTIONS
+from octoflux.pipelines.engine import Engine, GenerationSpec
+from octoflux.pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
+from octoflux.pipelines.optimize import apply_optimizations
+from octoflux.pipelines.warmup import compile_count, warm_up
+from octoflux.settings import Settings
 
 log = logging.getLogger("benchmarks.warmup")
 

@@ -16,10 +16,12 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pipelines.tiny import write_tiny_checkpoint  # noqa: E402
-from server.app import build_engine  # noqa: E402
-from server.embedded import serve_in_thread  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from octoflux.app import build_engine  # noqa: E402
+from octoflux.deploy.embedded import serve_in_thread  # noqa: E402
+from octoflux.pipelines.tiny import write_tiny_checkpoint  # noqa: E402
+from octoflux.settings import Settings  # noqa: E402
+
+pytest_plugins = ["helpers.services"]
 
 STEPS = 2  # enough to exercise the scheduler; the tiny model is random anyway
 
@@ -39,7 +41,7 @@ def load_tiny(tiny_checkpoint) -> Callable[..., object]:
     """
     import torch
 
-    from pipelines.loader import load_flux_pipeline
+    from octoflux.pipelines.loader import load_flux_pipeline
 
     def load(checkpoint: str | None = None, dtype=None):
         return load_flux_pipeline(checkpoint or tiny_checkpoint, torch.device("cpu"), dtype or torch.float32)
@@ -101,7 +103,7 @@ def server_factory(tiny_checkpoint, tmp_path_factory) -> Callable[..., object]:
 @pytest.fixture(scope="module")
 def control():
     """One `EngineControl` per test module: holds the worker, counts steps, injects faults."""
-    from engine_control import EngineControl
+    from helpers.engine_control import EngineControl
 
     return EngineControl()
 

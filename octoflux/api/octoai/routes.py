@@ -1,0 +1,181 @@
+"""OctoAI's dialect: `POST /generate/flux-dev` and `/generate/flux-schnell` (sync and async; a server
+answers the one of the family it serves) and the async poll/result/cancel URLs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from octoflux.api.common.auth import require_bearer
+from octoflux.api.common.deps import Service, absolute_url, client_gone, header_text, log_spec, request_owner
+from octoflux.api.octoai.protocol import (
+    AsyncAccepted,
+    AsyncStatus,
+    ErrorDetail,
+    GenerateRequest,
+    GenerateResponse,
+)
+from octoflux.core.service import AsyncView, GenerationService
+from octoflux.pipelines.family import FLUX_DEV, FLUX_SCHNELL
+
+router = APIRouter(dependencies=[Depends(require_bearer)])
+ASYNC_TRUE = {"1", "true", "yes"}
+AsyncHeader = Annotated[
+    str | None, Header(description="`1`: return at once with a poll URL (async inference)")
+]
+WebhookHeader = Annotated[
+    str | None,
+    Header(description="async only: an http(s) URL to POST a signed message to when the job ends"),
+]
+
+
+def _errors(*codes: int, **described: str) -> dict:
+    text = {
+        401: "Missing or invalid bearer token",
+        404: "No such job for this token, or its result expired",
+        409: "Not in a state that allows this",
+        413: "Request body over the size limit",
+        415: "Body is not application/json",
+        429: "Queue full; retry after the `Retry-After` seconds",
+        500: "The pipeline failed on this job",
+        503: "Loading, shutting down, or out of GPU memory",
+        504: "The request ran past `--request-timeout`",
+    }
+    return {
+        code: {"model": ErrorDetail, "description": described.get(f"s{code}", text[code])} for code in codes
+    }
+
+
+def serves(model_id: str):
+    """A dependency: 404 naming the served model unless this server serves `model_id` (checked before the
+    body, so the answer does not depend on it)."""
+
+    def check(service: Service) -> None:
+        service.check_serves(model_id)
+
+    return Depends(check)
+
+
+GENERATE_RESPONSES: dict = {
+    202: {"model": AsyncAccepted, "description": "Accepted for async inference (`X-OctoAI-Async: 1`)"},
+    **_errors(401, 404, 413, 415, 429, 500, 503, 504, s404="This server serves the other FLUX.1 model"),
+    422: {"description": "A bad field, or an `X-OctoFlux-Webhook-Url` the server will not call"},
+}
+
+
+@router.post(
+    "/generate/flux-dev",
+    response_model=GenerateResponse,
+    responses=GENERATE_RESPONSES,
+    dependencies=[serves(FLUX_DEV)],
+    summary="Generate images with FLUX.1-dev (text-to-image, image-to-image, inpainting)",
+)
+async def generate_flux_dev(
+    body: GenerateRequest,
+    request: Request,
+    service: Service,
+    x_octoai_async: AsyncHeader = None,
+    x_octoflux_webhook_url: WebhookHeader = None,
+):
+    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url)
+
+
+@router.post(
+    "/generate/flux-schnell",
+    response_model=GenerateResponse,
+    responses=GENERATE_RESPONSES,
+    dependencies=[serves(FLUX_SCHNELL)],
+    summary="Generate images with FLUX.1-schnell (text-to-image only; 4 steps by default)",
+)
+async def generate_flux_schnell(
+    body: GenerateRequest,
+    request: Request,
+    service: Service,
+    x_octoai_async: AsyncHeader = None,
+    x_octoflux_webhook_url: WebhookHeader = None,
+):
+    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url)
+
+
+async def _generate(
+    body: GenerateRequest, request: Request, service: GenerationService, async_header, webhook_header
+):
+    """Both families' route: sync answers the body, async (`X-OctoAI-Async: 1`) a poll URL."""
+    fields: dict = request.state.log
+    is_async = (async_header or "").strip().lower() in ASYNC_TRUE
+    fields["api"] = "async" if is_async else "sync"
+    webhook_url = await service.check_webhook(header_text(webhook_header), is_async)
+    spec = await service.prepare(body)
+    log_spec(fields, spec, with_prompt=bool(body.log_prompt))
+    encoding = body.image_encoding or "png"
+    request_id = request.state.request_id
+    if is_async:
+        record = await service.start_async(
+            spec,
+            encoding=encoding,
+            owner=request_owner(request),
+            request_id=request_id,
+            log_fields=fields,
+            webhook_url=webhook_url,
+            result_url=lambda job_id: absolute_url(request, "response_result", response_id=job_id),
+        )
+        poll_url = absolute_url(request, "poll_response", response_id=record.id)
+        return JSONResponse(
+            status_code=202, content=AsyncAccepted(response_id=record.id, poll_url=poll_url).model_dump()
+        )
+    response = await service.generate(
+        spec, encoding=encoding, request_id=request_id, client_gone=client_gone(request), log_fields=fields
+    )
+    # Serialized off the event loop: a multi-MB body would stall every other request meanwhile.
+    body = await run_in_threadpool(response.model_dump_json)
+    return Response(content=body, media_type="application/json")
+
+
+def _status(request: Request, view: AsyncView) -> AsyncStatus:
+    completed = view.status == "completed"
+    url = absolute_url(request, "response_result", response_id=view.response_id) if completed else None
+    return AsyncStatus(
+        response_id=view.response_id,
+        status=view.status,
+        created_at=view.created_at,
+        error=view.error,
+        response_url=url,
+    )
+
+
+@router.get(
+    "/v1/responses/{response_id}",
+    name="poll_response",
+    response_model=AsyncStatus,
+    response_model_exclude_none=True,
+    responses=_errors(401, 404),
+    summary="Status of an async generation; `response_url` once completed",
+)
+async def poll_response(response_id: str, request: Request, service: Service):
+    return _status(request, await service.poll(response_id, request_owner(request)))
+
+
+@router.get(
+    "/v1/responses/{response_id}/result",
+    name="response_result",
+    response_model=GenerateResponse,
+    responses=_errors(401, 404, 409, s409="Not completed"),
+    summary="The body a synchronous call would have returned",
+)
+async def response_result(response_id: str, request: Request, service: Service):
+    body = await service.result(response_id, request_owner(request))
+    return Response(content=body, media_type="application/json")
+
+
+@router.delete(
+    "/v1/responses/{response_id}",
+    response_model=AsyncStatus,
+    response_model_exclude_none=True,
+    responses=_errors(401, 404, 409, s409="Already finished"),
+    summary="Cancel a pending or running async generation",
+)
+async def cancel_response(response_id: str, request: Request, service: Service):
+    return _status(request, await service.cancel(response_id, request_owner(request)))

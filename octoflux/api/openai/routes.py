@@ -1,0 +1,193 @@
+"""OpenAI's Images API on the same service as the OctoAI routes: `POST /v1/images/generations`,
+`POST /v1/images/edits`, `GET /v1/models`, and the keyless links of `response_format: "url"`.
+
+A second thin adapter: requests become the OctoAI route's `GenerateRequest` and go through the same
+`GenerationService.prepare`/`generate` (queue, limits, seeds, safety); only shapes differ. Errors are
+rendered by `OpenAIRoute` (octoflux/api/openai/errors.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from octoflux.api.common.auth import require_bearer
+from octoflux.api.common.deps import Service, absolute_url, client_gone, log_spec
+from octoflux.api.octoai.protocol import GenerateResponse
+from octoflux.api.openai.errors import OpenAIRoute
+from octoflux.api.openai.protocol import (
+    MEDIA_TYPES,
+    ImageData,
+    ImageEditForm,
+    ImageGenerateRequest,
+    ImageOptions,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+)
+from octoflux.api.openai.uploads import read_image, read_mask
+from octoflux.core.errors import InvalidField, NotFound
+from octoflux.core.service import GenerationService
+from octoflux.pipelines.family import Family
+
+router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI Images API"])
+PATHS = ("/v1/models", "/v1/images/")
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(PATHS)
+
+
+class ModelNotFound(NotFound):
+    kind = "model_not_found"  # OpenAI's code for an unknown model id
+
+
+AUTHORIZED = [Depends(require_bearer)]
+OWNED_BY = "octoflux"
+STARTED = int(time.time())  # `created` of the served model: when this process started serving it
+ERRORS: dict = {
+    status: {"model": OpenAIError, "description": text}
+    for status, text in {
+        400: "A bad value; `param` names it",
+        401: "Missing or invalid bearer token",
+        429: "Queue full; retry after `Retry-After` seconds",
+        503: "Loading or shutting down",
+    }.items()
+}
+
+
+@router.get("/v1/models", dependencies=AUTHORIZED, response_model=ModelList, responses=ERRORS)
+async def list_models(service: Service) -> ModelList:
+    """The model this server serves (`flux-dev` or `flux-schnell`); empty while that is not known yet."""
+    family = service.family
+    cards = [ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)] if family else []
+    return ModelList(data=cards)
+
+
+@router.get(
+    "/v1/models/{model}",
+    dependencies=AUTHORIZED,
+    response_model=ModelCard,
+    responses={**ERRORS, 404: {"model": OpenAIError, "description": "Not the served model"}},
+)
+async def retrieve_model(model: str, service: Service) -> ModelCard:
+    """The served model's card (OpenAI's models.retrieve); 404 for any other id."""
+    family = service.family
+    if family is None or model != family.model_id:
+        raise ModelNotFound(f"The model '{model}' does not exist")
+    return ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)
+
+
+@router.post(
+    "/v1/images/generations",
+    dependencies=AUTHORIZED,
+    response_model=ImagesResponse,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+    summary="Create images from a prompt (OpenAI's images.generate)",
+)
+async def create_images(body: ImageGenerateRequest, request: Request, service: Service):
+    _served_family(service, body.model)
+    return await _generate(body, body.as_octoai(), request, service)
+
+
+@router.post(
+    "/v1/images/edits",
+    dependencies=AUTHORIZED,
+    response_model=ImagesResponse,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+    summary="Edit an image (OpenAI's images.edit): inpainting with a mask, image-to-image without",
+)
+async def edit_images(form: Annotated[ImageEditForm, Form()], request: Request, service: Service):
+    family = _served_family(service, form.model)
+    if not family.image_inputs:
+        raise InvalidField("image", f"{family.model_id} is text-to-image only: use /v1/images/generations")
+    init, mask = await _read_uploads(form, service)
+    return await _generate(form, form.as_octoai(form.strength), request, service, init=init, mask=mask)
+
+
+@router.get(
+    "/v1/images/results/{token}",
+    name="image_link",
+    response_class=Response,
+    responses={
+        200: {"content": {m: {} for m in MEDIA_TYPES.values()}},
+        404: {"model": OpenAIError, "description": "Wrong or expired link"},
+    },
+    summary="A generated image behind an unguessable link (`response_format: url`); no key needed",
+)
+async def image_link(token: str, service: Service) -> Response:
+    image, media_type = await service.linked_image(token)
+    return Response(image, media_type=media_type, headers={"Cache-Control": "private, no-transform"})
+
+
+def _served_family(service: GenerationService, model: str | None) -> Family:
+    family = service.family
+    if family is None:  # not known before the model loads: this says loading (or why it failed)
+        service.check_accepting()
+        family = service.family
+    if model is not None and model != family.model_id:
+        raise InvalidField("model", f"unknown model {model!r}; this server serves: {family.model_id}")
+    return family
+
+
+async def _read_uploads(
+    form: ImageEditForm, service: GenerationService
+) -> tuple[Image.Image, Image.Image | None]:
+    images = form.images()
+    if len(images) != 1:
+        raise InvalidField("image", f"send exactly one image to edit (got {len(images)})")
+    image = await run_in_threadpool(read_image, await images[0].read(), service.limits)
+    if form.mask is None:
+        return image, None
+    mask = await run_in_threadpool(read_mask, await form.mask.read(), service.limits, image.size)
+    return image, mask
+
+
+async def _generate(
+    options: ImageOptions, octoai, request: Request, service: GenerationService, **decoded: Image.Image | None
+) -> ImagesResponse:
+    fields: dict = request.state.log
+    fields["api"] = "openai"
+    spec = await service.prepare(octoai, **decoded)
+    log_spec(fields, spec, with_prompt=False)
+    result = await service.generate(
+        spec,
+        encoding=options.encoding,
+        request_id=request.state.request_id,
+        client_gone=client_gone(request),
+        log_fields=fields,
+    )
+    if options.response_format == "url":
+        data = await _linked(result, options, request, service)
+    else:
+        data = [_image(item, b64_json=item.image_b64) for item in result.images]
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=options.encoding,
+        size=f"{spec.width}x{spec.height}",
+    )
+
+
+async def _linked(
+    result: GenerateResponse, options: ImageOptions, request: Request, service: GenerationService
+) -> list[ImageData]:
+    tokens = await service.link_images(result, MEDIA_TYPES[options.encoding], request.state.request_id)
+    return [
+        _image(item, url=absolute_url(request, "image_link", token=token))
+        for item, token in zip(result.images, tokens, strict=True)
+    ]
+
+
+def _image(item, **content: str) -> ImageData:
+    return ImageData(
+        **content, seed=item.seed, removed_for_safety=item.removed_for_safety, safety_score=item.safety_score
+    )

@@ -1,0 +1,115 @@
+"""`AssetService`: OctoAI's LoRA asset API minus HTTP.
+
+Records and state changes live in `AssetStore`; this adds what the routes need on top: streamed
+uploads with `--max-lora-mb`, and validation of a staged file against the LoRA shapes of the loaded
+pipeline before it is published. It raises the domain errors of `octoflux/core/errors.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from octoflux.assets.store import AssetStore
+from octoflux.core.errors import Conflict, NotFound, TooLarge, problem
+from octoflux.pipelines.loras import LoraCache, LoraError, read_lora
+
+
+class AssetService:
+    def __init__(self, store: AssetStore, max_lora_mb: float, lora_cache: Callable[[], LoraCache | None]):
+        """`lora_cache()` gives the loaded pipeline's LoRA cache (None: it serves no LoRAs), or
+        raises `NotReady` while the model loads."""
+        self.store = store
+        self.max_bytes = int(max_lora_mb * 2**20)
+        self._lora_cache = lora_cache
+
+    def create(self, name: str, description: str, data: dict) -> tuple[dict, str]:
+        return self.store.create(name, description, data)
+
+    def all(self) -> list[dict]:
+        return self.store.all()
+
+    def find(self, id_or_ref: str) -> dict:
+        return self.store.find(id_or_ref)
+
+    def delete(self, asset_id: str) -> dict:
+        try:
+            return self.store.delete(asset_id)
+        except LoraError:  # not even a valid name
+            raise NotFound(f"no asset {asset_id!r}") from None
+
+    async def upload(
+        self, asset_id: str, token: str, chunks: AsyncIterator[bytes], declared_length: int | None
+    ) -> int:
+        """Stream a PUT body into staging; `TooLarge` past `--max-lora-mb` (the asset is rejected)."""
+        self.store.authorize(asset_id, token)
+        if declared_length is not None and declared_length > self.max_bytes:
+            self.store.reject(asset_id, self._too_large())
+            raise TooLarge(self._too_large())
+        self.store.begin_upload(asset_id)
+        try:
+            return await self._receive(asset_id, chunks)
+        except TooLarge as exc:
+            self.store.reject(asset_id, exc.message)
+            raise
+        except BaseException:  # the client went away mid-body, or the server is stopping
+            interrupted = "the upload was interrupted; PUT the file again"
+            self.store.set_status(asset_id, "ready_to_upload", interrupted)
+            raise
+
+    async def _receive(self, asset_id: str, chunks: AsyncIterator[bytes]) -> int:
+        """Stream the body to a temp file; it becomes the staged file only once complete."""
+        temp = self.store.temp_file(asset_id)
+        size = 0
+        try:
+            with temp.open("wb") as fh:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise TooLarge(self._too_large())
+                    await run_in_threadpool(fh.write, chunk)
+            self.store.finish_upload(asset_id, temp, size)
+        finally:
+            temp.unlink(missing_ok=True)
+        return size
+
+    def file(self, asset_id: str, token: str) -> Path:
+        record = self.store.authorize(asset_id, token)
+        path = self.store.library.path(record.name)
+        if record.status != "ready" or not path.is_file():
+            raise Conflict(f"asset {asset_id} is not ready")
+        return path
+
+    async def complete_upload(self, asset_id: str) -> str | None:
+        """Check the staged file against the loaded pipeline, then publish it; the reason if rejected."""
+        cache = self._lora_cache()
+        self.store.begin_validation(asset_id)
+        try:
+            await run_in_threadpool(self._validate_and_publish, asset_id, cache)
+        except _Rejected as exc:  # the reason goes to status_details and to the answer
+            await run_in_threadpool(self.store.reject, asset_id, str(exc))
+            return str(exc)
+        except (OSError, NotFound):
+            raise Conflict(f"asset {asset_id} was deleted during validation") from None
+        finally:
+            self.store.end_validation(asset_id)
+        return None
+
+    def _validate_and_publish(self, asset_id: str, cache: LoraCache | None) -> None:
+        if cache is None:
+            raise _Rejected("this server serves no LoRAs")
+        record = self.store.record(asset_id)
+        try:
+            read_lora(self.store.staging_file(asset_id), record.name, cache.shapes, cache.max_bytes)
+            self.store.publish(asset_id)
+        except (LoraError, Conflict) as exc:
+            raise _Rejected(problem(exc).message if isinstance(exc, LoraError) else exc.message) from None
+
+    def _too_large(self) -> str:
+        return f"the file exceeds the {self.max_bytes / 2**20:.4g} MB limit (--max-lora-mb)"
+
+
+class _Rejected(Exception):
+    """An uploaded file that cannot be a LoRA of this pipeline; the message says why."""

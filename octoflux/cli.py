@@ -1,0 +1,239 @@
+"""`octoflux serve` and `octoflux make-tiny DIR`.
+
+`serve`'s flags are derived from `octoflux.settings.Settings` by pydantic-settings' CLI source: a
+field with a description is a flag, in the `--help` group its `json_schema_extra` names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import CliSettingsSource
+
+from octoflux.settings import GROUPS, Settings
+
+log = logging.getLogger("octoflux")
+
+OTHER_GROUP = "other options"
+# The CLI source names a value by its type; these read better in --help.
+METAVARS = {"str": "TEXT", "int": "N", "float": "X", "Path": "PATH"}
+
+
+class _GroupedFlags:
+    """`add_argument_method` for the CLI source: each flag lands in its field's argument group."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+        self.groups: dict[str, argparse._ArgumentGroup] = {}
+        for title in (*GROUPS.values(), OTHER_GROUP):  # created up front: --help keeps GROUPS' order
+            self.groups[title] = parser.add_argument_group(title)
+
+    def __call__(self, context, *names, **kwargs):
+        name = kwargs.get("dest", "")
+        field = Settings.model_fields.get(name)
+        if field is None:  # not a plain field (a nested model's flag): leave it as the source made it
+            return context.add_argument(*names, **kwargs)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        title = GROUPS.get(str(extra.get("group")), OTHER_GROUP)
+        kwargs["help"] = _help(field, kwargs.get("action"))
+        metavar = kwargs.get("metavar")
+        if isinstance(metavar, str) and not metavar.startswith("{"):  # a choice list stays as it is
+            kwargs["metavar"] = METAVARS.get(metavar, name.upper())
+        return self.groups[title].add_argument(*names, **kwargs)
+
+
+def _help(field: FieldInfo, action) -> str:
+    """The field's description, then its default unless the description already says it."""
+    text = field.description or ""
+    if action == "store_false":
+        return f"turn off: {text}"
+    if action == "store_true" or "(default" in text:
+        return text
+    default = field.get_default(call_default_factory=True)
+    if default in (None, ""):
+        return text
+    return f"{text} (default: {default})".replace("%", "%%")
+
+
+def _serve_parser(sub) -> CliSettingsSource[Settings]:
+    serve = sub.add_parser(
+        "serve",
+        usage="octoflux serve [--FLAG VALUE ...]",
+        help="start the HTTP server (flags override OCTOFLUX_* env vars)",
+        description="Start the HTTP server. Every flag is also an OCTOFLUX_* environment variable "
+        "(--max-queue: OCTOFLUX_MAX_QUEUE); a flag wins over the variable, which wins over the default.",
+    )
+    return CliSettingsSource(
+        Settings,
+        root_parser=serve,
+        cli_kebab_case=True,
+        cli_implicit_flags="toggle",
+        cli_avoid_json=True,
+        cli_hide_none_type=True,
+        add_argument_method=_GroupedFlags(serve),
+    )
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Settings]]:
+    parser = argparse.ArgumentParser(prog="octoflux", description="OctoAI-compatible FLUX.1-dev server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    source = _serve_parser(sub)
+    _make_tiny_parser(sub)
+    return parser, source
+
+
+def settings_from_args(source: CliSettingsSource[Settings], args: argparse.Namespace) -> Settings:
+    """Flags given on the command line win over environment variables, which win over defaults."""
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "dir")}
+    return Settings(_cli_settings_source=source(parsed_args=given))
+
+
+SECRET_FIELDS = {"webhook_secret", "api_keys"}
+
+
+def _flag_error(error: dict) -> str:
+    name = ".".join(str(part) for part in error["loc"])
+    shown = "(hidden)" if name in SECRET_FIELDS else repr(error["input"])
+    return f"--{name.replace('_', '-')} (or OCTOFLUX_{name.upper()}) {shown}: {error['msg']}"
+
+
+def preflight(settings: Settings) -> None:
+    """Before the app starts: the model exists and fits, or one line on stderr and exit code 2."""
+    from octoflux.pipelines.loader import (
+        ModelLoadError,
+        check_model_source,
+        model_source,
+        resolve_device,
+        resolve_dtype,
+    )
+    from octoflux.pipelines.memory import WillNotFit, check_model_fits
+
+    try:
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        source = model_source(settings.model, settings.tiny_dir)
+        check_model_source(source)
+        need = check_model_fits(source, device, dtype, quantize=settings.quantize, offload=settings.offload)
+    except (ModelLoadError, WillNotFit) as exc:
+        print(f"octoflux: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if need is not None:
+        log.info(
+            "memory: about %.1f GB needed on %s (weights and working memory)",
+            need.device_bytes / 2**30,
+            device,
+        )
+
+
+def check_state_store(settings: Settings) -> None:
+    """A bad --state-url stops the server before anything starts, with one line."""
+    from octoflux.state.store import StateStoreError, open_state_store
+
+    try:
+        open_state_store(settings.resolved_state_url).close()
+    except StateStoreError as exc:
+        print(f"octoflux: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from octoflux.deploy.log_setup import configure_logging
+
+    settings.check_auth_exposure()
+    configure_logging(settings)
+    check_state_store(settings)
+    preflight(settings)
+    if settings.uses_ray:
+        from octoflux.deploy.replicas import serve_replicas
+
+        return serve_replicas(settings)
+    from octoflux.api.common.request_log import configure_access_log
+    from octoflux.app import create_app
+    from octoflux.deploy.shutdown import GracefulServer
+
+    configure_access_log()
+    app = create_app(settings)
+    # log_config=None: uvicorn's records go through our handler (and its filter), not its own.
+    # uvicorn's own access log would be a second, unstructured line per request.
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, log_level="info", access_log=False
+    )
+    server = GracefulServer(config, app)
+    announcer = threading.Thread(
+        target=_announce, args=(app.state.service, server, settings), name="octoflux-ready", daemon=True
+    )
+    announcer.start()
+    server.run()
+    if app.state.service.load_error is not None:
+        raise SystemExit(1)
+
+
+def _announce(service, server, settings: Settings) -> None:
+    """Say "ready on URL" once the model is loaded and warm; if loading fails, say why and stop."""
+    while not service.wait_ready(0.2):
+        if service.load_error is not None:
+            log.error("%s; stopping", service.load_error)
+            server.should_exit = True
+            return
+        if service.readiness().status == "shutting down":
+            return
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("ready on http://%s:%d", host, settings.port)
+
+
+TINY_VARIANTS = ("dev", "schnell", "safety-checker")
+
+
+def make_tiny(directory: Path, variant: str = "dev", concept_threshold: float = 1.0) -> None:
+    if variant == "safety-checker":
+        from octoflux.pipelines.safety import write_tiny_safety_checker
+
+        path = write_tiny_safety_checker(directory, concept_threshold)
+        print(f"wrote the tiny safety checker (concept threshold {concept_threshold}) to {path}")
+        return
+    from octoflux.pipelines.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(directory, variant)
+    print(f"wrote the tiny FLUX ({variant}) checkpoint to {path}")
+
+
+def _make_tiny_parser(sub) -> None:
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight model (diffusers format) for tests")
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--variant",
+        choices=TINY_VARIANTS,
+        default="dev",
+        help="FLUX.1-dev (default), schnell, or a safety checker",
+    )
+    tiny.add_argument(
+        "--concept-threshold",
+        type=float,
+        default=1.0,
+        help="safety-checker only: every concept's threshold (1.0 flags nothing, -1.0 flags everything)",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, source = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = settings_from_args(source, args)
+        except ValidationError as exc:  # argparse's usage line and exit code 2, not a traceback
+            source.root_parser.error("; ".join(_flag_error(error) for error in exc.errors()))
+        serve(settings)
+    else:
+        make_tiny(args.dir, args.variant, args.concept_threshold)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

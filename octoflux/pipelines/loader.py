@@ -1,0 +1,166 @@
+"""Load a FLUX pipeline: the tiny model, random-full, a diffusers-format folder, a hub id, or a file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from octoflux.pipelines.tiny import tiny_checkpoint_is_complete, write_tiny_checkpoint
+
+log = logging.getLogger(__name__)
+
+RANDOM_FULL = "random-full"
+TINY_SCHNELL = "tiny-schnell"
+# The subfolders of a diffusers-format FLUX.1 checkpoint.
+FLUX_COMPONENTS = (
+    "scheduler",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "transformer",
+    "vae",
+)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded."""
+
+
+class ModelNotFound(ModelLoadError):
+    """`--model` names nothing loadable; the message is one line saying what was looked for where."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU, float32 on a CPU (bf16 matmuls are slow on most CPUs), unless told."""
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def ensure_tiny_checkpoint(cache_dir: Path, variant: str = "dev") -> Path:
+    """Write the tiny checkpoint once; later calls reuse it."""
+    if not tiny_checkpoint_is_complete(cache_dir):
+        log.info("writing the tiny random-weight FLUX (%s) checkpoint to %s", variant, cache_dir)
+        staging = cache_dir.with_name(cache_dir.name + ".partial")
+        write_tiny_checkpoint(staging, variant)
+        if cache_dir.exists():
+            import shutil
+
+            shutil.rmtree(cache_dir)
+        staging.rename(cache_dir)
+    return cache_dir
+
+
+def model_source(model: str, tiny_dir: Path) -> str:
+    """Turn `--model` into what diffusers loads: a folder, a file, or a hub id."""
+    if model == "tiny":
+        return str(ensure_tiny_checkpoint(tiny_dir))
+    if model == TINY_SCHNELL:
+        # Beside the tiny dev (tiny-flux -> tiny-flux-schnell), so rebuilding one never removes the other.
+        return str(ensure_tiny_checkpoint(tiny_dir.with_name(tiny_dir.name + "-schnell"), "schnell"))
+    return model
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.endswith((".safetensors", ".ckpt"))
+
+
+def check_model_source(source: str) -> None:
+    """Fail fast, before any loading, when `source` (from `model_source`) cannot be a FLUX checkpoint."""
+    if source == RANDOM_FULL:
+        return
+    path = Path(source).expanduser()
+    if path.is_file():
+        return
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFound(
+                f"--model {source}: no model_index.json in that folder (not a diffusers-format model)"
+            )
+        missing = [name for name in FLUX_COMPONENTS if not (path / name).is_dir()]
+        if missing:
+            raise ModelNotFound(
+                f"--model {source}: a FLUX folder needs {', '.join(missing)} subfolders there"
+            )
+        return
+    if _looks_like_path(source) or source.count("/") != 1:
+        hint = "" if _looks_like_path(source) else " (nor 'tiny', 'random-full' or a hub id OWNER/NAME)"
+        raise ModelNotFound(f"--model {source}: no such file or folder{hint}")
+    _check_hub_cache(source)
+
+
+def _check_hub_cache(repo_id: str) -> None:
+    """A hub id: offline, its model_index.json must be in the local HF cache (online, it may download)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    if not isinstance(cached, str):
+        raise ModelNotFound(
+            f"--model {repo_id}: not in the local HF cache ({constants.HF_HUB_CACHE}) "
+            "and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+        )
+
+
+def load_flux_pipeline(
+    source: str, device: torch.device, dtype: torch.dtype, offload: str = "none", quantize: str = "none"
+):
+    """Load a FluxPipeline from random-full, a diffusers folder, a single-file checkpoint, or a hub id.
+
+    With `offload` the pipeline stays on the CPU: octoflux.pipelines.optimize installs the offload hooks.
+    `quantize` quantizes the transformer and T5 weights while loading (see octoflux.pipelines.optimize).
+    """
+    from diffusers import FluxPipeline
+
+    from octoflux.pipelines.optimize import loading_quantization_config
+
+    if source == RANDOM_FULL:
+        return _random_full(device if offload == "none" else torch.device("cpu"), dtype, quantize)
+    path = Path(source)
+    try:
+        if path.is_file():
+            if quantize != "none":
+                raise ModelLoadError(
+                    "--quantize needs a diffusers-format folder or hub id, not a single file"
+                )
+            pipe = FluxPipeline.from_single_file(str(path), torch_dtype=dtype)
+        elif path.is_dir() or "/" in source:
+            quantization = loading_quantization_config(quantize, dtype)
+            pipe = FluxPipeline.from_pretrained(source, dtype=dtype, quantization_config=quantization)
+        else:
+            raise ModelLoadError(
+                f"--model {source!r} is neither 'tiny', 'random-full', a folder, a file nor a hub id"
+            )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load FLUX from {source!r}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if offload != "none" else pipe.to(device)
+
+
+def _random_full(device: torch.device, dtype: torch.dtype, quantize: str):
+    """FLUX.1-dev's architecture with random weights, built where it will run (no download)."""
+    from octoflux.pipelines.optimize import quantize_weights
+    from octoflux.pipelines.random_full import build_random_full_pipeline
+
+    log.info("building random-weight FLUX.1-dev on %s as %s", device, dtype)
+    pipe = build_random_full_pipeline(device, dtype)
+    for model in (pipe.transformer, pipe.text_encoder_2):
+        quantize_weights(model, quantize)
+    return pipe

@@ -1,0 +1,461 @@
+"""The Redis state store: keys under one prefix, for replicas on several nodes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+from octoflux.state.records import FAILED, FINAL, PENDING, RUNNING, Delivery, JobRecord
+from octoflux.state.store import (
+    DELIVERY_FIELDS,
+    EVENTS_KEPT,
+    JOB_FIELDS,
+    ORPHAN_ERROR_STATUS,
+    RecordNotFound,
+    StateStore,
+    StateStoreError,
+    StatusConflict,
+    check_final_status,
+    expected_statuses,
+    redact_url,
+)
+
+_FINAL_LUA = "{" + ", ".join(f"{s} = true" for s in FINAL) + "}"
+
+# KEYS: record hash, index zset. ARGV: member, score, field/value pairs. 0 when the record exists.
+_LUA_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+_LUA_MARK_RUNNING = f"""
+if redis.call('HGET', KEYS[1], 'status') ~= '{PENDING}' then return 0 end
+redis.call('HSET', KEYS[1], 'status', '{RUNNING}')
+return 1
+"""
+# KEYS: job, body, active zset, finished zset. ARGV: id, has body, body, finished_at, field/value pairs.
+_LUA_FINISH = f"""
+local final = {_FINAL_LUA}
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or final[status] then return 0 end
+redis.call('HDEL', KEYS[1], 'error', 'error_status')
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[3]) end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+return 1
+"""
+# KEYS: active zset, replicas hash, finished zset. ARGV: cutoff, now, reason, job key prefix, error status.
+_LUA_FAIL_ORPHANS = f"""
+local failed = {{}}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[4] .. id
+  local job = redis.call('HMGET', key, 'status', 'replica')
+  if job[1] ~= '{PENDING}' and job[1] ~= '{RUNNING}' then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local beat = redis.call('HGET', KEYS[2], job[2])
+    if not beat or tonumber(beat) < tonumber(ARGV[1]) then
+      redis.call('HSET', key, 'status', '{FAILED}', 'error', ARGV[3], 'error_status', ARGV[5],
+                 'finished_at', ARGV[2])
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('ZADD', KEYS[3], ARGV[2], id)
+      failed[#failed + 1] = id
+    end
+  end
+end
+return failed
+"""
+_LUA_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+return 1
+"""
+# KEYS: job, events list. ARGV: encoded event, events kept. 0 when the job is unknown.
+_LUA_APPEND_EVENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local seq = redis.call('HINCRBY', KEYS[1], 'event_seq', 1)
+redis.call('RPUSH', KEYS[2], seq .. ' ' .. ARGV[1])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+return seq
+"""
+# KEYS: assets set. ARGV: new id, encoded record, name, asset key prefix, live statuses...
+_LUA_CREATE_ASSET = """
+local live = {}
+for i = 5, #ARGV do live[ARGV[i]] = true end
+local superseded = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local raw = redis.call('GET', ARGV[4] .. id)
+  if raw then
+    local other = cjson.decode(raw)
+    if other['name'] == ARGV[3] then
+      if live[other['status']] then return 0 end
+      superseded[#superseded + 1] = id
+    end
+  end
+end
+for _, id in ipairs(superseded) do
+  redis.call('DEL', ARGV[4] .. id)
+  redis.call('SREM', KEYS[1], id)
+end
+redis.call('SET', ARGV[4] .. ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+# KEYS: due zset. ARGV: now, lease end, limit, delivery key prefix. Returns the claimed hashes.
+_LUA_CLAIM = """
+local claimed = {}
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  redis.call('HSET', ARGV[4] .. id, 'next_attempt_at', ARGV[2])
+  claimed[#claimed + 1] = redis.call('HGETALL', ARGV[4] .. id)
+end
+return claimed
+"""
+# KEYS: delivery, due zset, done zset. ARGV: id, status, next_attempt_at, field/value pairs.
+_LUA_UPDATE_DELIVERY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], 'last_error')
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ARGV[2] == 'pending' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+end
+return 1
+"""
+
+_JOB_TYPES = {"created_at": float, "finished_at": float, "error_status": int}
+_DELIVERY_TYPES = {"created_at": float, "next_attempt_at": float, "attempts": int}
+_REDIS_CONNECT_TIMEOUT_S = 2.0
+_REDIS_SOCKET_TIMEOUT_S = 10.0
+
+
+def _pairs(values: dict) -> list:
+    """Field/value pairs for HSET; None values are left out (absent fields read back as None)."""
+    return [item for key, value in values.items() if value is not None for item in (key, value)]
+
+
+def _decode(raw: dict[bytes, bytes], names: tuple[str, ...], types: dict, keep_bytes=()) -> dict:
+    values = {}
+    for name in names:
+        value = raw.get(name.encode())
+        if value is not None and name not in keep_bytes:
+            value = types.get(name, bytes.decode)(value)
+        values[name] = value
+    return values
+
+
+def _redis_reason(exc: Exception) -> str:
+    """'connection refused' out of redis-py's 'Error 111 connecting to host:port. Connection refused.'"""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    text = str(exc).strip().rstrip(".")
+    return (text.rsplit(". ", 1)[-1] if ". " in text else text).lower() or type(exc).__name__
+
+
+def _redis_errors(method):
+    """Redis failures after startup surface as StateStoreError, like every other store failure."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except self._redis.RedisError as exc:
+            raise StateStoreError(f"Redis at {self.url} failed: {_redis_reason(exc)}") from exc
+
+    return wrapped
+
+
+class RedisStateStore(StateStore):
+    """Redis keys under one prefix; read-check-write updates are Lua scripts (atomic on the server)
+    or WATCH/MULTI transactions; result links expire by Redis TTL."""
+
+    def __init__(self, url: str, prefix: str = "octoflux:"):
+        try:
+            import redis
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
+        except ImportError:
+            missing = "a redis:// state URL needs the redis package: pip install '.[ray]'"
+            raise StateStoreError(missing) from None
+        self._redis = redis
+        self.url = redact_url(url)
+        self.prefix = prefix
+        options = {
+            "socket_connect_timeout": _REDIS_CONNECT_TIMEOUT_S,
+            "socket_timeout": _REDIS_SOCKET_TIMEOUT_S,
+        }
+        try:
+            # A single try at startup: a wrong address fails within the connect timeout, not retries.
+            with redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(), 0), **options) as probe:
+                probe.ping()
+            self.client = redis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=1.0), 3), **options)
+        except redis.AuthenticationError as exc:
+            raise StateStoreError(f"Redis at {self.url} refused the credentials: {exc}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StateStoreError(f"cannot reach Redis at {self.url}: {_redis_reason(exc)}") from None
+        except (redis.RedisError, ValueError) as exc:
+            raise StateStoreError(f"cannot use Redis at {self.url}: {exc}") from None
+        register = self.client.register_script
+        self._create = register(_LUA_CREATE)
+        self._mark_running = register(_LUA_MARK_RUNNING)
+        self._finish = register(_LUA_FINISH)
+        self._fail_orphans = register(_LUA_FAIL_ORPHANS)
+        self._cancel = register(_LUA_CANCEL)
+        self._append_event = register(_LUA_APPEND_EVENT)
+        self._claim = register(_LUA_CLAIM)
+        self._create_asset = register(_LUA_CREATE_ASSET)
+        self._update_delivery = register(_LUA_UPDATE_DELIVERY)
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # ------------------------------------------------------------ async jobs
+
+    @_redis_errors
+    def create_job(self, rec: JobRecord) -> None:
+        values = {name: getattr(rec, name) for name in JOB_FIELDS}
+        if rec.status in FINAL:
+            index, score = self._key("jobs", "finished"), rec.finished_at or rec.created_at
+        else:
+            index, score = self._key("jobs", "active"), rec.created_at
+        if not self._create(keys=[self._key("job", rec.id), index], args=[rec.id, score, *_pairs(values)]):
+            raise StateStoreError(f"job {rec.id} already exists")
+
+    @_redis_errors
+    def get_job(self, job_id: str) -> JobRecord | None:
+        raw = self.client.hgetall(self._key("job", job_id))
+        return JobRecord(**_decode(raw, JOB_FIELDS, _JOB_TYPES)) if raw else None
+
+    @_redis_errors
+    def mark_running(self, job_id: str) -> bool:
+        return bool(self._mark_running(keys=[self._key("job", job_id)]))
+
+    @_redis_errors
+    def finish_job(self, job_id, status, *, body=None, error=None, error_status=None) -> bool:
+        check_final_status(status)
+        now = time.time()
+        values = {"status": status, "finished_at": now, "error": error, "error_status": error_status}
+        keys = [
+            self._key("job", job_id),
+            self._key("body", job_id),
+            self._key("jobs", "active"),
+            self._key("jobs", "finished"),
+        ]
+        args = [job_id, "1" if body is not None else "0", body if body is not None else b"", now]
+        return bool(self._finish(keys=keys, args=args + _pairs(values)))
+
+    @_redis_errors
+    def get_body(self, job_id: str) -> bytes | None:
+        return self.client.get(self._key("body", job_id))
+
+    @_redis_errors
+    def sweep(self, ttl_s: float, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        cutoff = now - ttl_s
+        finished = self._key("jobs", "finished")
+        ids = [i.decode() for i in self.client.zrangebyscore(finished, "-inf", f"({cutoff!r}")]
+        done = self._key("deliveries", "done")
+        deliveries = [i.decode() for i in self.client.zrangebyscore(done, "-inf", f"({cutoff!r}")]
+        beats = self.client.hgetall(self._key("replicas"))
+        stale = [name for name, beat in beats.items() if float(beat) < cutoff]
+        loads = self.client.hgetall(self._key("replica_loads"))
+        stale_loads = [name for name, raw in loads.items() if json.loads(raw)[0] < cutoff]
+        with self.client.pipeline() as pipe:  # MULTI/EXEC
+            for job_id in ids:
+                pipe.delete(self._key("job", job_id), self._key("body", job_id), self._key("events", job_id))
+            if ids:
+                pipe.zrem(finished, *ids)
+            for delivery_id in deliveries:
+                pipe.delete(self._key("delivery", delivery_id))
+            if deliveries:
+                pipe.zrem(done, *deliveries)
+            if stale:
+                pipe.hdel(self._key("replicas"), *stale)
+            if stale_loads:
+                pipe.hdel(self._key("replica_loads"), *stale_loads)
+            pipe.execute()
+        return len(ids)
+
+    # ------------------------------------------------------------ replicas
+
+    @_redis_errors
+    def heartbeat(self, replica: str, now: float | None = None) -> None:
+        self.client.hset(self._key("replicas"), replica, time.time() if now is None else now)
+
+    @_redis_errors
+    def fail_orphans(self, lease_s: float, reason: str, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        keys = [self._key("jobs", "active"), self._key("replicas"), self._key("jobs", "finished")]
+        args = [now - lease_s, now, reason, self._key("job", ""), ORPHAN_ERROR_STATUS]
+        return [i.decode() for i in self._fail_orphans(keys=keys, args=args)]
+
+    @_redis_errors
+    def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.client.hset(self._key("replica_loads"), replica, json.dumps([now, load]))
+
+    @_redis_errors
+    def replica_loads(self, max_age_s: float, now: float | None = None) -> dict[str, dict]:
+        now = time.time() if now is None else now
+        loads = {}
+        for name, raw in self.client.hgetall(self._key("replica_loads")).items():
+            at, load = json.loads(raw)
+            if at >= now - max_age_s:
+                loads[name.decode()] = load
+        return loads
+
+    # ------------------------------------------------------------ cancellation
+
+    @_redis_errors
+    def request_cancel(self, job_id: str) -> bool:
+        return bool(self._cancel(keys=[self._key("job", job_id)]))
+
+    @_redis_errors
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.client.hget(self._key("job", job_id), "cancel_requested") == b"1"
+
+    # ------------------------------------------------------------ progress events
+
+    @_redis_errors
+    def append_event(self, job_id: str, event: dict) -> int:
+        keys = [self._key("job", job_id), self._key("events", job_id)]
+        seq = self._append_event(keys=keys, args=[json.dumps(event), EVENTS_KEPT])
+        if not seq:
+            raise RecordNotFound(job_id)
+        return int(seq)
+
+    @_redis_errors
+    def events_after(self, job_id: str, seq: int) -> list[tuple[int, dict]]:
+        events = []
+        for item in self.client.lrange(self._key("events", job_id), 0, -1):
+            number, encoded = item.split(b" ", 1)
+            if int(number) > seq:
+                events.append((int(number), json.loads(encoded)))
+        return events
+
+    # ------------------------------------------------------------ assets
+
+    @_redis_errors
+    def put_asset(self, asset_id: str, record: dict) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.set(self._key("asset", asset_id), json.dumps(record))
+            pipe.sadd(self._key("assets"), asset_id)
+            pipe.execute()
+
+    @_redis_errors
+    def create_asset(self, record: dict, live_statuses: set[str]) -> bool:
+        args = [record["id"], json.dumps(record), record["name"], self._key("asset", "")]
+        args += sorted(live_statuses)
+        return bool(self._create_asset(keys=[self._key("assets")], args=args))
+
+    @_redis_errors
+    def get_asset(self, asset_id: str) -> dict | None:
+        raw = self.client.get(self._key("asset", asset_id))
+        return json.loads(raw) if raw is not None else None
+
+    @_redis_errors
+    def list_assets(self) -> list[dict]:
+        ids = sorted(i.decode() for i in self.client.smembers(self._key("assets")))
+        if not ids:
+            return []
+        raws = self.client.mget([self._key("asset", i) for i in ids])
+        return [json.loads(raw) for raw in raws if raw is not None]
+
+    @_redis_errors
+    def delete_asset(self, asset_id: str) -> bool:
+        with self.client.pipeline() as pipe:
+            pipe.delete(self._key("asset", asset_id))
+            pipe.srem(self._key("assets"), asset_id)
+            deleted, _ = pipe.execute()
+        return deleted == 1
+
+    @_redis_errors
+    def update_asset(self, asset_id, expected_status, changes) -> dict:
+        expected = expected_statuses(expected_status)
+        key = self._key("asset", asset_id)
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)  # EXEC fails if another client writes the key before it
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise RecordNotFound(asset_id)
+                    record = json.loads(raw)
+                    if expected is not None and record.get("status") not in expected:
+                        raise StatusConflict(asset_id, record.get("status"), expected)
+                    record.update(changes)
+                    pipe.multi()
+                    pipe.set(key, json.dumps(record))
+                    pipe.execute()
+                    return record
+                except self._redis.WatchError:
+                    continue  # someone else changed it: read again and re-check
+
+    # ------------------------------------------------------------ webhook deliveries
+
+    def _delivery_index(self, status: str) -> str:
+        return self._key("deliveries", "due" if status == "pending" else "done")
+
+    @_redis_errors
+    def add_delivery(self, d: Delivery) -> None:
+        values = {name: getattr(d, name) for name in DELIVERY_FIELDS}
+        score = d.next_attempt_at if d.status == "pending" else d.created_at
+        keys = [self._key("delivery", d.id), self._delivery_index(d.status)]
+        # An id already stored keeps its first version: enqueueing the same message twice is one message.
+        self._create(keys=keys, args=[d.id, score, *_pairs(values)])
+
+    def _delivery(self, raw: dict[bytes, bytes]) -> Delivery:
+        return Delivery(**_decode(raw, DELIVERY_FIELDS, _DELIVERY_TYPES, keep_bytes=("payload",)))
+
+    @_redis_errors
+    def claim_due_deliveries(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        keys = [self._key("deliveries", "due")]
+        claimed = self._claim(keys=keys, args=[now, now + lease_s, limit, self._key("delivery", "")])
+        return [self._delivery(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in claimed]
+
+    @_redis_errors
+    def update_delivery(self, delivery_id, *, attempts, next_attempt_at, status, last_error) -> bool:
+        values = {"attempts": attempts, "next_attempt_at": next_attempt_at, "status": status}
+        values["last_error"] = last_error
+        keys = [
+            self._key("delivery", delivery_id),
+            self._key("deliveries", "due"),
+            self._key("deliveries", "done"),
+        ]
+        args = [delivery_id, status, next_attempt_at, *_pairs(values)]
+        return bool(self._update_delivery(keys=keys, args=args))
+
+    @_redis_errors
+    def get_delivery(self, delivery_id: str) -> Delivery | None:
+        raw = self.client.hgetall(self._key("delivery", delivery_id))
+        return self._delivery(raw) if raw else None
+
+    # ------------------------------------------------------------ result links
+
+    @_redis_errors
+    def put_link(self, token: str, job_id: str, index: int, expires_at: float) -> None:
+        key = self._key("link", token)
+        if expires_at <= time.time():
+            self.client.delete(key)
+            return
+        value = json.dumps([job_id, index, expires_at])
+        self.client.set(key, value, pxat=int(expires_at * 1000) + 1)
+
+    @_redis_errors
+    def get_link(self, token: str, now: float | None = None) -> tuple[str, int] | None:
+        raw = self.client.get(self._key("link", token))
+        if raw is None:
+            return None
+        job_id, index, expires_at = json.loads(raw)
+        return (job_id, index) if expires_at > (time.time() if now is None else now) else None

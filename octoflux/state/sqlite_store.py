@@ -1,0 +1,400 @@
+"""The SQLite state store: one file in WAL mode, shared by the processes of one node."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import astuple
+from pathlib import Path
+
+from octoflux.state.records import FAILED, FINAL, PENDING, RUNNING, Delivery, JobRecord
+from octoflux.state.store import (
+    DELIVERY_FIELDS,
+    EVENTS_KEPT,
+    JOB_FIELDS,
+    ORPHAN_ERROR_STATUS,
+    RecordNotFound,
+    StateStore,
+    StateStoreError,
+    StatusConflict,
+    check_final_status,
+    expected_statuses,
+)
+
+
+def _sqlite_errors(method):
+    """SQLite failures (a file locked past the busy timeout, a full disk) surface as StateStoreError."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StateStoreError(f"SQLite state at {self.path} failed: {exc}") from exc
+
+    return wrapped
+
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, owner TEXT, request_id TEXT NOT NULL, created_at REAL NOT NULL,
+    replica TEXT NOT NULL, status TEXT NOT NULL, encoding TEXT NOT NULL, error TEXT,
+    error_status INTEGER, finished_at REAL, webhook_url TEXT,
+    body BLOB, cancel_requested INTEGER NOT NULL DEFAULT 0, event_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL, seq INTEGER NOT NULL, event TEXT NOT NULL, PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS replicas (name TEXT PRIMARY KEY, beat REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS replica_loads (name TEXT PRIMARY KEY, at REAL NOT NULL, load TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS assets (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL, url TEXT NOT NULL, payload BLOB NOT NULL,
+    created_at REAL NOT NULL, attempts INTEGER NOT NULL, next_attempt_at REAL NOT NULL,
+    status TEXT NOT NULL, last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
+CREATE TABLE IF NOT EXISTS links (
+    token TEXT PRIMARY KEY, job_id TEXT NOT NULL, idx INTEGER NOT NULL, expires_at REAL NOT NULL
+);
+"""
+_JOB_COLUMNS = ", ".join(JOB_FIELDS)
+_DELIVERY_COLUMNS = ", ".join(DELIVERY_FIELDS)
+_BUSY_TIMEOUT_MS = 10_000
+SCHEMA_VERSION = 1  # PRAGMA user_version of the file
+
+
+class SqliteStateStore(StateStore):
+    """One SQLite file in WAL mode; a connection per thread; writes in BEGIN IMMEDIATE transactions,
+    so a read-check-write is atomic across threads and processes on the node."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._create_schema()
+        except (OSError, sqlite3.Error) as exc:
+            self.close()
+            raise StateStoreError(f"cannot open SQLite state at {self.path}: {exc}") from None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._lock:
+            if self._closed:
+                raise StateStoreError("the state store is closed")
+            # isolation_level=None: no implicit transactions; writes say BEGIN IMMEDIATE themselves.
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across process crashes
+            self._connections.append(conn)
+        self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A transaction holding the file's write lock from its first statement."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _create_schema(self) -> None:
+        conn = self._conn()
+        conn.execute("PRAGMA journal_mode = WAL")
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"schema version {version} is newer than this server's")
+            for statement in _SQLITE_SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    # ------------------------------------------------------------ async jobs
+
+    @_sqlite_errors
+    def create_job(self, rec: JobRecord) -> None:
+        marks = ", ".join("?" * len(JOB_FIELDS))
+        try:
+            with self._write() as conn:
+                conn.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({marks})", astuple(rec))
+        except sqlite3.IntegrityError:
+            raise StateStoreError(f"job {rec.id} already exists") from None
+
+    @_sqlite_errors
+    def get_job(self, job_id: str) -> JobRecord | None:
+        row = self._conn().execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord(*row) if row else None
+
+    @_sqlite_errors
+    def mark_running(self, job_id: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET status = ? WHERE id = ? AND status = ?", (RUNNING, job_id, PENDING)
+            )
+            return cur.rowcount == 1
+
+    @_sqlite_errors
+    def finish_job(self, job_id, status, *, body=None, error=None, error_status=None) -> bool:
+        check_final_status(status)
+        marks = ", ".join("?" * len(FINAL))
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET status = ?, body = ?, error = ?, error_status = ?, finished_at = ?"
+                f" WHERE id = ? AND status NOT IN ({marks})",
+                (status, body, error, error_status, time.time(), job_id, *FINAL),
+            )
+            return cur.rowcount == 1
+
+    @_sqlite_errors
+    def get_body(self, job_id: str) -> bytes | None:
+        row = self._conn().execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    @_sqlite_errors
+    def sweep(self, ttl_s: float, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        cutoff = now - ttl_s
+        marks = ", ".join("?" * len(FINAL))
+        with self._write() as conn:
+            old = f"SELECT id FROM jobs WHERE finished_at < ? AND status IN ({marks})"
+            conn.execute(f"DELETE FROM events WHERE job_id IN ({old})", (cutoff, *FINAL))
+            conn.execute("DELETE FROM links WHERE expires_at <= ?", (now,))
+            count = conn.execute(
+                f"DELETE FROM jobs WHERE finished_at < ? AND status IN ({marks})", (cutoff, *FINAL)
+            ).rowcount
+            conn.execute("DELETE FROM deliveries WHERE status != 'pending' AND created_at < ?", (cutoff,))
+            conn.execute("DELETE FROM replicas WHERE beat < ?", (cutoff,))
+            conn.execute("DELETE FROM replica_loads WHERE at < ?", (cutoff,))
+        return count
+
+    # ------------------------------------------------------------ replicas
+
+    @_sqlite_errors
+    def heartbeat(self, replica: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO replicas (name, beat) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET beat = excluded.beat",
+                (replica, now),
+            )
+
+    @_sqlite_errors
+    def fail_orphans(self, lease_s: float, reason: str, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT jobs.id FROM jobs LEFT JOIN replicas ON replicas.name = jobs.replica"
+                " WHERE jobs.status IN (?, ?) AND (replicas.beat IS NULL OR replicas.beat < ?)",
+                (PENDING, RUNNING, now - lease_s),
+            ).fetchall()
+            ids = [row[0] for row in rows]
+            conn.executemany(
+                "UPDATE jobs SET status = ?, error = ?, error_status = ?, finished_at = ? WHERE id = ?",
+                [(FAILED, reason, ORPHAN_ERROR_STATUS, now, job_id) for job_id in ids],
+            )
+        return ids
+
+    @_sqlite_errors
+    def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO replica_loads (name, at, load) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET at = excluded.at, load = excluded.load",
+                (replica, now, json.dumps(load)),
+            )
+
+    @_sqlite_errors
+    def replica_loads(self, max_age_s: float, now: float | None = None) -> dict[str, dict]:
+        now = time.time() if now is None else now
+        rows = self._conn().execute("SELECT name, load FROM replica_loads WHERE at >= ?", (now - max_age_s,))
+        return {name: json.loads(load) for name, load in rows}
+
+    # ------------------------------------------------------------ cancellation
+
+    @_sqlite_errors
+    def request_cancel(self, job_id: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,)).rowcount == 1
+
+    @_sqlite_errors
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    # ------------------------------------------------------------ progress events
+
+    @_sqlite_errors
+    def append_event(self, job_id: str, event: dict) -> int:
+        encoded = json.dumps(event)
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET event_seq = event_seq + 1 WHERE id = ? RETURNING event_seq", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise RecordNotFound(job_id)
+            seq = row[0]
+            conn.execute("INSERT INTO events (job_id, seq, event) VALUES (?, ?, ?)", (job_id, seq, encoded))
+            conn.execute("DELETE FROM events WHERE job_id = ? AND seq <= ?", (job_id, seq - EVENTS_KEPT))
+        return seq
+
+    @_sqlite_errors
+    def events_after(self, job_id: str, seq: int) -> list[tuple[int, dict]]:
+        rows = self._conn().execute(
+            "SELECT seq, event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, seq)
+        )
+        return [(s, json.loads(e)) for s, e in rows]
+
+    # ------------------------------------------------------------ assets
+
+    @_sqlite_errors
+    def put_asset(self, asset_id: str, record: dict) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO assets (id, record) VALUES (?, ?)", (asset_id, json.dumps(record))
+            )
+
+    @_sqlite_errors
+    def create_asset(self, record: dict, live_statuses: set[str]) -> bool:
+        with self._write() as conn:
+            same_name = [
+                (asset_id, json.loads(raw))
+                for asset_id, raw in conn.execute("SELECT id, record FROM assets")
+                if json.loads(raw).get("name") == record["name"]
+            ]
+            if any(other.get("status") in live_statuses for _, other in same_name):
+                return False
+            conn.executemany("DELETE FROM assets WHERE id = ?", [(asset_id,) for asset_id, _ in same_name])
+            conn.execute("INSERT INTO assets (id, record) VALUES (?, ?)", (record["id"], json.dumps(record)))
+        return True
+
+    @_sqlite_errors
+    def get_asset(self, asset_id: str) -> dict | None:
+        row = self._conn().execute("SELECT record FROM assets WHERE id = ?", (asset_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    @_sqlite_errors
+    def list_assets(self) -> list[dict]:
+        return [json.loads(r) for (r,) in self._conn().execute("SELECT record FROM assets ORDER BY id")]
+
+    @_sqlite_errors
+    def delete_asset(self, asset_id: str) -> bool:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM assets WHERE id = ?", (asset_id,)).rowcount == 1
+
+    @_sqlite_errors
+    def update_asset(self, asset_id, expected_status, changes) -> dict:
+        expected = expected_statuses(expected_status)
+        with self._write() as conn:
+            row = conn.execute("SELECT record FROM assets WHERE id = ?", (asset_id,)).fetchone()
+            if row is None:
+                raise RecordNotFound(asset_id)
+            record = json.loads(row[0])
+            if expected is not None and record.get("status") not in expected:
+                raise StatusConflict(asset_id, record.get("status"), expected)
+            record.update(changes)
+            conn.execute("UPDATE assets SET record = ? WHERE id = ?", (json.dumps(record), asset_id))
+        return record
+
+    # ------------------------------------------------------------ webhook deliveries
+
+    @_sqlite_errors
+    def add_delivery(self, d: Delivery) -> None:
+        """Store a new delivery; an id already stored keeps its first version (enqueueing is idempotent)."""
+        marks = ", ".join("?" * len(DELIVERY_FIELDS))
+        with self._write() as conn:
+            conn.execute(
+                f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING",
+                astuple(d),
+            )
+
+    @_sqlite_errors
+    def claim_due_deliveries(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
+        with self._write() as conn:
+            rows = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE status = 'pending'"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            claimed = [Delivery(*row) for row in rows]
+            for d in claimed:
+                d.next_attempt_at = now + lease_s
+            conn.executemany(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE id = ?",
+                [(d.next_attempt_at, d.id) for d in claimed],
+            )
+        for d in claimed:
+            d.payload = bytes(d.payload)
+        return claimed
+
+    @_sqlite_errors
+    def update_delivery(self, delivery_id, *, attempts, next_attempt_at, status, last_error) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE deliveries SET attempts = ?, next_attempt_at = ?, status = ?, last_error = ?"
+                " WHERE id = ?",
+                (attempts, next_attempt_at, status, last_error, delivery_id),
+            )
+            return cur.rowcount == 1
+
+    @_sqlite_errors
+    def get_delivery(self, delivery_id: str) -> Delivery | None:
+        row = (
+            self._conn()
+            .execute(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id = ?", (delivery_id,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        d = Delivery(*row)
+        d.payload = bytes(d.payload)
+        return d
+
+    # ------------------------------------------------------------ result links
+
+    @_sqlite_errors
+    def put_link(self, token: str, job_id: str, index: int, expires_at: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO links (token, job_id, idx, expires_at) VALUES (?, ?, ?, ?)",
+                (token, job_id, index, expires_at),
+            )
+
+    @_sqlite_errors
+    def get_link(self, token: str, now: float | None = None) -> tuple[str, int] | None:
+        now = time.time() if now is None else now
+        row = (
+            self._conn()
+            .execute("SELECT job_id, idx FROM links WHERE token = ? AND expires_at > ?", (token, now))
+            .fetchone()
+        )
+        return (row[0], row[1]) if row else None

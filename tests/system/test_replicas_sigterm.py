@@ -1,0 +1,76 @@
+"""`octoflux serve --replicas 2` as a user runs it: SIGTERM finishes the running request, exits 0
+and leaves no Ray process behind. Its own module, so no other Ray instance runs beside it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for_replicas(url: str, replicas: int, timeout: float = 180) -> None:
+    deadline, seen = time.monotonic() + timeout, set()
+    while len(seen) < replicas:
+        assert time.monotonic() < deadline, f"{len(seen)} of {replicas} replicas became ready"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                seen.add(httpx.get(f"{url}/healthz", timeout=5).json()["replica"])
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_finishes_the_running_request_exits_zero_and_leaves_no_ray_process(tiny_checkpoint, tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "octoflux.cli", "serve", "--replicas", "2", "--device", "cpu"]
+    command += ["--model", tiny_checkpoint, "--port", str(port), "--state-dir", str(tmp_path / "state")]
+    command += ["--lora-dir", str(tmp_path), "--warmup-steps", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    with (tmp_path / "serve.log").open("wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_replicas(url, 2)
+        family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+        assert any("raylet" in " ".join(p.cmdline()) for p in family if p.is_running())
+        outcome: dict = {}
+        # 200 steps of 4 images: about 10 s of work here (200 steps of one image took 2.4 s), so
+        # SIGTERM lands mid-job even on a faster machine.
+        body = {"prompt": "a long one", "width": 512, "height": 512, "steps": 200, "num_images": 4}
+
+        def generate() -> None:
+            try:
+                outcome["response"] = httpx.post(f"{url}/generate/flux-dev", json=body, timeout=180)
+            except httpx.HTTPError as exc:
+                outcome["response"] = exc
+            outcome["answered_at"] = time.monotonic()
+
+        running = threading.Thread(target=generate)
+        running.start()
+        time.sleep(2.0)  # the request is on a replica, generating
+        signalled_at = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        running.join(180)
+        assert server.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+    response = outcome["response"]
+    assert isinstance(response, httpx.Response), (response, (tmp_path / "serve.log").read_text()[-3000:])
+    assert response.status_code == 200 and len(response.json()["images"]) == 4
+    assert outcome["answered_at"] > signalled_at, "the job ended before SIGTERM: nothing was drained"
+    time.sleep(1.0)
+    left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [" ".join(p.cmdline())[:120] for p in left]

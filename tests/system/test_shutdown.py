@@ -1,0 +1,124 @@
+"""Graceful shutdown of a real `octoflux serve` process on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import free_port
+from helpers.engine_control import WAIT, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+URL_PATH = "/generate/flux-dev"
+
+
+@contextmanager
+def serve_process(tiny_checkpoint: str, tmp_path: Path, *flags: str):
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    command = [sys.executable, "-m", "octoflux.cli", "serve", "--model", tiny_checkpoint, "--device", "cpu"]
+    command += ["--port", str(port), "--no-warmup", *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(url) or process.poll() is not None, timeout=120, what="server start")
+        assert process.poll() is None, log_path.read_text()
+        yield process, url, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def in_flight(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("octoflux_jobs_in_flight "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def post_in_thread(url: str, payload: dict, results: dict, key: str) -> threading.Thread:
+    def send():
+        results[key] = httpx.post(f"{url}{URL_PATH}", json=payload, timeout=120)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def body(prompt: str, steps: int) -> dict:
+    return {"prompt": prompt, "width": 512, "height": 512, "steps": steps, "seed": 1}
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_drains_finishes_the_running_job_and_exits_zero(tiny_checkpoint, tmp_path):
+    with serve_process(tiny_checkpoint, tmp_path, "--shutdown-timeout", "120") as (process, url, log_path):
+        results: dict = {}
+        # 200 steps, the most allowed: the job must still run while the test queues two more and sends SIGTERM
+        # (20 steps of the tiny model take well under a second).
+        running = post_in_thread(url, body("running", steps=200), results, "running")
+        wait_until(lambda: in_flight(url) == 1, what="the job to start")
+        queued = post_in_thread(url, body("queued", steps=2), results, "queued")
+        async_job = httpx.post(
+            f"{url}{URL_PATH}", json=body("later", 2), headers={"X-OctoAI-Async": "1"}
+        ).json()
+        wait_until(lambda: httpx.get(f"{url}/readyz").json().get("queue_depth") == 2, what="two queued")
+
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 503, timeout=5, what="readyz 503")
+        assert httpx.get(f"{url}/readyz").json()["status"] == "shutting down"
+        refused = httpx.post(f"{url}{URL_PATH}", json=body("new", 2), timeout=10)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
+        queued.join(10)
+        assert results["queued"].status_code == 503
+        # The async job's record is failed by its own task, not before the queued request's 503.
+        wait_until(
+            lambda: httpx.get(async_job["poll_url"], timeout=5).json()["status"] != "pending",
+            what="the queued async job to be failed",
+        )
+        status = httpx.get(async_job["poll_url"], timeout=5).json()
+        assert status["status"] == "failed" and "shut down" in status["error"]
+
+        running.join(120)
+        assert results["running"].status_code == 200
+        assert len(results["running"].json()["images"]) == 1
+        assert process.wait(60) == 0
+
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    statuses = {line.get("status") for line in lines if line.get("path") == URL_PATH}
+    assert {200, 202, 503} <= statuses
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_interrupts_a_job_longer_than_the_shutdown_timeout(tiny_checkpoint, tmp_path):
+    with serve_process(tiny_checkpoint, tmp_path, "--shutdown-timeout", "1") as (process, url, _):
+        results: dict = {}
+        # Far longer than the 1 s shutdown timeout, so it is still running when that expires.
+        endless = {**body("endless", steps=200), "num_images": 4}
+        running = post_in_thread(url, endless, results, "running")
+        wait_until(lambda: in_flight(url) == 1, what="the job to start")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        running.join(WAIT)
+        assert results["running"].status_code == 503
+        assert "interrupted" in results["running"].json()["detail"]
+        assert process.wait(WAIT) == 0
+        assert time.monotonic() - started < WAIT
