@@ -20,22 +20,35 @@ Measured on a 2-core CPU shared with other work (OMP_NUM_THREADS=1, median / p90
 | 512x512 output | 0.9 ms | 5.0 ms | 17 KB |
 | 1024x1024 output | 1.4-1.6 ms | 5.5-6.0 ms | 20.5 KB |
 Not measured on a GPU yet.
+
+Watchers: one async job (`--job-size`, `--job-steps`) run with each count of `--watchers` SSE
+streams open on it, alternating counts for `--job-runs` rounds, against a server in this process on
+the tiny model. The watchers live in a child process and connect while a blocker job (as long again)
+holds the worker, so every one of them is open when the measured job starts. The job's time is the
+engine's own (`prediction_time_ms` of its result). JSON on stdout, a summary on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+import httpx
 import torch
 
-from octoflux.core.progress import preview_event, progress_event
-from octoflux.core.step_events import stored_event
+from benchmarks.server import serve
+from octoflux.core.progress import preview_event, progress_event, stored_event
 from octoflux.pipelines.preview import preview_data_url
+from octoflux.settings import Settings
 from octoflux.state.records import JobRecord
 from octoflux.state.store import StateStore, open_state_store
 
@@ -89,12 +102,156 @@ def measure_previews(store: StateStore, device: torch.device, sizes: list[int], 
     return results
 
 
+JOB_PROMPT = "a lighthouse on a cliff at night"
+CONNECT_TIMEOUT_S = 120.0
+BLOCKER_STEPS = 200  # the most a request may ask for
+
+
+def _watch_in_child(conn: Connection, count: int) -> None:
+    """In the child: open `count` streams on the URL sent, say when all answered, then what each got."""
+    conn.send("ready")
+    url = conn.recv()
+    asyncio.run(_watch(conn, url, count))
+
+
+async def _watch(conn: Connection, url: str, count: int) -> None:
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client, AsyncExitStack() as streams:
+        opened = [streams.enter_async_context(client.stream("GET", url)) for _ in range(count)]
+        responses = await asyncio.gather(*opened)
+        conn.send([response.status_code for response in responses])
+        cpu_before = time.process_time()
+        received = await asyncio.gather(*(_events_of(response) for response in responses))
+        conn.send((received, time.process_time() - cpu_before))
+
+
+async def _events_of(response: httpx.Response) -> list[str]:
+    return [
+        line.removeprefix("event: ") async for line in response.aiter_lines() if line.startswith("event:")
+    ]
+
+
+def _submit(client: httpx.Client, url: str, size: tuple[int, int], steps: int, seed: int) -> str:
+    body = {"prompt": JOB_PROMPT, "width": size[0], "height": size[1], "steps": steps, "seed": seed}
+    response = client.post(f"{url}/generate/flux-dev", json=body, headers={"X-OctoAI-Async": "1"})
+    if response.status_code != 202:
+        raise RuntimeError(f"the job was refused: {response.status_code} {response.text}")
+    return response.json()["response_id"]
+
+
+def _status(client: httpx.Client, url: str, response_id: str) -> str:
+    return client.get(f"{url}/v1/responses/{response_id}").json()["status"]
+
+
+def _wait_final(client: httpx.Client, url: str, response_id: str) -> str:
+    while (status := _status(client, url, response_id)) in ("pending", "running"):
+        time.sleep(0.1)
+    return status
+
+
+def _start_watchers(count: int) -> tuple[multiprocessing.Process, Connection]:
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    child = spawn.Process(target=_watch_in_child, args=(theirs, count))
+    child.start()
+    if not ours.poll(CONNECT_TIMEOUT_S) or ours.recv() != "ready":
+        raise RuntimeError("the watchers' process did not start")
+    return child, ours
+
+
+def _connected(conn: Connection, watchers: int) -> None:
+    if not conn.poll(CONNECT_TIMEOUT_S):
+        raise RuntimeError(f"{watchers} watchers did not connect in {CONNECT_TIMEOUT_S:.0f} s")
+    statuses = conn.recv()
+    if set(statuses) != {200}:
+        raise RuntimeError(f"watchers were answered {sorted(set(statuses))}")
+
+
+def time_job(url: str, watchers: int, size: tuple[int, int], steps: int, seed: int) -> dict:
+    """One measured job with `watchers` streams open on it from before it starts to its end.
+
+    A long blocker job holds the worker while the watchers connect, and is cancelled once they have.
+    """
+    child, conn = _start_watchers(watchers) if watchers else (None, None)
+    with httpx.Client(timeout=None) as client:
+        blocker = _submit(client, url, size, BLOCKER_STEPS, seed)
+        job = _submit(client, url, size, steps, seed + 1)
+        received: list[list[str]] = []
+        watchers_cpu_s = 0.0
+        if conn is not None:
+            conn.send(f"{url}/v1/responses/{job}/events")
+            _connected(conn, watchers)
+        open_before_start = _status(client, url, job) == "pending"
+        client.delete(f"{url}/v1/responses/{blocker}")
+        status = _wait_final(client, url, job)
+        result = client.get(f"{url}/v1/responses/{job}/result").json()
+        if child is not None and conn is not None:
+            received, watchers_cpu_s = conn.recv()
+            child.join()
+    expected = ["progress"] * steps + ["completed"]
+    return {
+        "watchers": watchers,
+        "status": status,
+        "job_s": round(result["prediction_time_ms"] / 1000, 3),
+        "watchers_open_before_start": open_before_start,
+        # The clients share this machine's cores with the server: what they used while reading.
+        "watchers_cpu_s": round(watchers_cpu_s, 3),
+        "watchers_with_every_event": sum(events == expected for events in received),
+    }
+
+
+def measure_watchers(counts: list[int], size: tuple[int, int], steps: int, rounds: int, device: str) -> dict:
+    """Job time per watcher count, the counts alternating in each round."""
+    from octoflux.app import build_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(model="tiny", device=device, warmup=False, max_batch=1, state_dir=Path(tmp))
+        engine = build_engine(settings)
+        with serve(engine, settings) as url:
+            time_job(url, 0, size, 2, seed=1)  # first request: lazy setup
+            runs = [
+                time_job(url, count, size, steps, seed=10 + 2 * r) for r in range(rounds) for count in counts
+            ]
+    by_count = {}
+    for count in counts:
+        mine = [run for run in runs if run["watchers"] == count]
+        by_count[str(count)] = {
+            "median_job_s": round(statistics.median(run["job_s"] for run in mine), 3),
+            "runs": mine,
+        }
+    return {"size": f"{size[0]}x{size[1]}", "steps": steps, "rounds": rounds, "by_watchers": by_count}
+
+
+def summary(report: dict) -> str:
+    watchers = report["watchers"]
+    lines = [
+        f"one async job, {watchers['size']}, {watchers['steps']} steps, tiny model, median of "
+        f"{watchers['rounds']} (engine seconds):"
+    ]
+    base = None
+    for count, found in watchers["by_watchers"].items():
+        median = found["median_job_s"]
+        base = median if base is None else base
+        every = all(run["watchers_with_every_event"] == run["watchers"] for run in found["runs"])
+        early = all(run["watchers_open_before_start"] for run in found["runs"])
+        lines.append(
+            f"  {count:>5} watchers: {median:.3f} s ({(median / base - 1) * 100:+.0f}%)"
+            + ("" if every else "  [some watchers missed events]")
+            + ("" if early else "  [watchers connected after the job started]")
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", help="also measure a Redis store (its keys get an octoflux: prefix)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--watchers", default="0,300", help="watcher counts to time a job with ('' skips)")
+    parser.add_argument("--job-size", default="512x512")
+    parser.add_argument("--job-steps", type=int, default=30)
+    parser.add_argument("--job-runs", type=int, default=3, help="rounds; each times every watcher count once")
     args = parser.parse_args()
     device = torch.device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -108,7 +265,15 @@ def main() -> None:
         redis_store = open_state_store(args.redis_url)
         report["redis"] = measure_store(redis_store, args.repeat)
         redis_store.close()
+    counts = [int(c) for c in args.watchers.split(",") if c.strip()]
+    if counts:
+        width, height = (int(v) for v in args.job_size.lower().split("x"))
+        report["watchers"] = measure_watchers(
+            counts, (width, height), args.job_steps, args.job_runs, args.device
+        )
     print(json.dumps(report, indent=1))
+    if counts:
+        print(summary(report), file=sys.stderr)
 
 
 if __name__ == "__main__":

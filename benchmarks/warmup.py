@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from octoflux.api.octoai.protocol import SUPPORTED_RESOLUTIONS
+from octoflux.core.models import SUPPORTED_RESOLUTIONS
 from octoflux.pipelines.engine import Engine, GenerationSpec
 from octoflux.pipelines.loader import load_flux_pipeline, model_source, resolve_device, resolve_dtype
 from octoflux.pipelines.optimize import apply_optimizations

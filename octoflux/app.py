@@ -2,40 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exception_handlers import http_exception_handler
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 
-from octoflux.api.common import health, playground
-from octoflux.api.common.body_limit import BodySizeLimit, octoai_body
+from octoflux.api.common import dialects, health, playground
+from octoflux.api.common.body_limit import BodySizeLimit
 from octoflux.api.common.cors import install_cors
 from octoflux.api.common.request_log import RequestContext
 from octoflux.api.octoai import assets, events
 from octoflux.api.octoai import routes as octoai
 from octoflux.api.octoai.errors import install_error_handlers
 from octoflux.api.openai import routes as openai
-from octoflux.api.openai.errors import too_large_body, unrouted_error
 from octoflux.core.codec import configure_pillow
 from octoflux.core.engine_factory import EngineFactory, build_engine
 from octoflux.core.service import GenerationService
 from octoflux.settings import Settings
 
 __all__ = ["build_engine", "create_app"]
-
-
-def too_large_body_for(path: str, message: str) -> dict:
-    return too_large_body(message) if openai.is_openai_path(path) else octoai_body(message)
-
-
-async def unrouted_in_dialect(request: Request, exc: StarletteHTTPException) -> Response:
-    """404s and 405s from the router, in the error shape of the API the path belongs to."""
-    if openai.is_openai_path(request.url.path):
-        return unrouted_error(request, exc)
-    return await http_exception_handler(request, exc)
 
 
 def create_app(
@@ -52,18 +38,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.load_in_background(on_load_failure)
-        service.start_webhooks()
-        keeper = asyncio.ensure_future(service.keep_state())
+        service.start(on_load_failure)
         yield
-        keeper.cancel()
         # Under `octoflux serve` SIGTERM has drained already; this covers any other way of stopping.
         await service.close()
 
     app = FastAPI(title="octoflux", summary="OctoAI-compatible FLUX.1-dev server", lifespan=lifespan)
     app.state.service = service
     install_error_handlers(app)
-    app.add_exception_handler(StarletteHTTPException, unrouted_in_dialect)
+    # The router's 404s and 405s, in the error shape of the API the path belongs to.
+    app.add_exception_handler(HTTPException, dialects.http_error)
     app.include_router(health.router)
     app.include_router(octoai.router)
     app.include_router(events.router)
@@ -74,7 +58,6 @@ def create_app(
         BodySizeLimit,
         max_bytes=int(settings.max_body_mb * 2**20),
         exempt=assets.is_upload_path,
-        render=too_large_body_for,
     )
     # Outside the body limit, so that even a 413 carries X-Request-ID and gets its log line.
     app.add_middleware(RequestContext)

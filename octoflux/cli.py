@@ -164,7 +164,13 @@ def serve(settings: Settings) -> None:
     # log_config=None: uvicorn's records go through our handler (and its filter), not its own.
     # uvicorn's own access log would be a second, unstructured line per request.
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, log_level="info", access_log=False
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     server = GracefulServer(config, app)
     announcer = threading.Thread(

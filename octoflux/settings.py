@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from octoflux.webhooks.dispatcher import check_webhook_secret
+from octoflux.webhooks.signing import check_webhook_secret
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -139,7 +139,8 @@ class Settings(BaseSettings):
     )
     shutdown_timeout: float = Field(
         60.0,
-        description="on SIGTERM, seconds the running job may take before it is interrupted",
+        description="on SIGTERM, seconds the running job may take before it is interrupted; "
+        "open connections get what is left of it, then are closed",
         json_schema_extra=group("limits"),
     )
 
@@ -337,7 +338,7 @@ class Settings(BaseSettings):
     @property
     def warmup_size_list(self) -> list[tuple[int, int]]:
         """The sizes to warm: 'all' and 'auto' resolved (compiled modes warm every supported size)."""
-        from octoflux.api.octoai.protocol import SUPPORTED_RESOLUTIONS
+        from octoflux.core.models import SUPPORTED_RESOLUTIONS
 
         keyword = self.warmup_sizes.strip().lower()
         if keyword == "all" or (keyword == "auto" and self.optimize != "none"):

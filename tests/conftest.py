@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,14 +15,15 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from helpers.requests import STEPS  # noqa: E402, F401 (tests import it from here)
+from helpers.services import free_port  # noqa: E402, F401 (tests import it from here)
+
 from octoflux.app import build_engine  # noqa: E402
 from octoflux.deploy.embedded import serve_in_thread  # noqa: E402
 from octoflux.pipelines.tiny import write_tiny_checkpoint  # noqa: E402
 from octoflux.settings import Settings  # noqa: E402
 
 pytest_plugins = ["helpers.services"]
-
-STEPS = 2  # enough to exercise the scheduler; the tiny model is random anyway
 
 
 @pytest.fixture(scope="session")
@@ -47,12 +47,6 @@ def load_tiny(tiny_checkpoint) -> Callable[..., object]:
         return load_flux_pipeline(checkpoint or tiny_checkpoint, torch.device("cpu"), dtype or torch.float32)
 
     return load
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

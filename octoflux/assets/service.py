@@ -1,14 +1,16 @@
 """`AssetService`: OctoAI's LoRA asset API minus HTTP.
 
 Records and state changes live in `AssetStore`; this adds what the routes need on top: streamed
-uploads with `--max-lora-mb`, and validation of a staged file against the LoRA shapes of the loaded
-pipeline before it is published. It raises the domain errors of `octoflux/core/errors.py`.
+uploads with `--max-lora-mb`, validation of a staged file against the LoRA shapes of the loaded
+pipeline before it is published, and keeping blocking calls off the event loop. It raises the domain
+errors of `octoflux/core/errors.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from starlette.concurrency import run_in_threadpool
 
@@ -18,6 +20,12 @@ from octoflux.pipelines.loras import LoraCache, LoraError, read_lora
 
 
 class AssetService:
+    """The asset API as coroutines whose store and file-system calls run in worker threads.
+
+    A slow store (a SQLite lock held elsewhere) must not stall the event loop: the loop also runs
+    the heartbeat that keeps this replica's jobs leased.
+    """
+
     def __init__(self, store: AssetStore, max_lora_mb: float, lora_cache: Callable[[], LoraCache | None]):
         """`lora_cache()` gives the loaded pipeline's LoRA cache (None: it serves no LoRAs), or
         raises `NotReady` while the model loads."""
@@ -25,18 +33,18 @@ class AssetService:
         self.max_bytes = int(max_lora_mb * 2**20)
         self._lora_cache = lora_cache
 
-    def create(self, name: str, description: str, data: dict) -> tuple[dict, str]:
-        return self.store.create(name, description, data)
+    async def create(self, name: str, description: str, data: dict) -> tuple[dict, str]:
+        return await run_in_threadpool(self.store.create, name, description, data)
 
-    def all(self) -> list[dict]:
-        return self.store.all()
+    async def all(self) -> list[dict]:
+        return await run_in_threadpool(self.store.all)
 
-    def find(self, id_or_ref: str) -> dict:
-        return self.store.find(id_or_ref)
+    async def find(self, id_or_ref: str) -> dict:
+        return await run_in_threadpool(self.store.find, id_or_ref)
 
-    def delete(self, asset_id: str) -> dict:
+    async def delete(self, asset_id: str) -> dict:
         try:
-            return self.store.delete(asset_id)
+            return await run_in_threadpool(self.store.delete, asset_id)
         except LoraError:  # not even a valid name
             raise NotFound(f"no asset {asset_id!r}") from None
 
@@ -44,38 +52,46 @@ class AssetService:
         self, asset_id: str, token: str, chunks: AsyncIterator[bytes], declared_length: int | None
     ) -> int:
         """Stream a PUT body into staging; `TooLarge` past `--max-lora-mb` (the asset is rejected)."""
-        self.store.authorize(asset_id, token)
+        await run_in_threadpool(self.store.authorize, asset_id, token)
         if declared_length is not None and declared_length > self.max_bytes:
-            self.store.reject(asset_id, self._too_large())
+            await run_in_threadpool(self.store.reject, asset_id, self._too_large())
             raise TooLarge(self._too_large())
-        self.store.begin_upload(asset_id)
+        await run_in_threadpool(self.store.begin_upload, asset_id)
         try:
             return await self._receive(asset_id, chunks)
         except TooLarge as exc:
-            self.store.reject(asset_id, exc.message)
+            await run_in_threadpool(self.store.reject, asset_id, exc.message)
             raise
         except BaseException:  # the client went away mid-body, or the server is stopping
             interrupted = "the upload was interrupted; PUT the file again"
-            self.store.set_status(asset_id, "ready_to_upload", interrupted)
+            await run_in_threadpool(self.store.set_status, asset_id, "ready_to_upload", interrupted)
             raise
 
     async def _receive(self, asset_id: str, chunks: AsyncIterator[bytes]) -> int:
         """Stream the body to a temp file; it becomes the staged file only once complete."""
         temp = self.store.temp_file(asset_id)
         size = 0
+        fh = await run_in_threadpool(temp.open, "wb")
         try:
-            with temp.open("wb") as fh:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise TooLarge(self._too_large())
-                    await run_in_threadpool(fh.write, chunk)
-            self.store.finish_upload(asset_id, temp, size)
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise TooLarge(self._too_large())
+                await run_in_threadpool(fh.write, chunk)
+            await run_in_threadpool(self._stage, fh, asset_id, temp, size)
         finally:
-            temp.unlink(missing_ok=True)
+            await run_in_threadpool(_discard, fh, temp)
         return size
 
-    def file(self, asset_id: str, token: str) -> Path:
+    def _stage(self, fh: BinaryIO, asset_id: str, temp: Path, size: int) -> None:
+        fh.close()
+        self.store.finish_upload(asset_id, temp, size)
+
+    async def file(self, asset_id: str, token: str) -> Path:
+        """The published file a GET URL's token opens; `Conflict` until it is ready."""
+        return await run_in_threadpool(self._ready_file, asset_id, token)
+
+    def _ready_file(self, asset_id: str, token: str) -> Path:
         record = self.store.authorize(asset_id, token)
         path = self.store.library.path(record.name)
         if record.status != "ready" or not path.is_file():
@@ -85,7 +101,7 @@ class AssetService:
     async def complete_upload(self, asset_id: str) -> str | None:
         """Check the staged file against the loaded pipeline, then publish it; the reason if rejected."""
         cache = self._lora_cache()
-        self.store.begin_validation(asset_id)
+        await run_in_threadpool(self.store.begin_validation, asset_id)
         try:
             await run_in_threadpool(self._validate_and_publish, asset_id, cache)
         except _Rejected as exc:  # the reason goes to status_details and to the answer
@@ -94,7 +110,7 @@ class AssetService:
         except (OSError, NotFound):
             raise Conflict(f"asset {asset_id} was deleted during validation") from None
         finally:
-            self.store.end_validation(asset_id)
+            await run_in_threadpool(self.store.end_validation, asset_id)
         return None
 
     def _validate_and_publish(self, asset_id: str, cache: LoraCache | None) -> None:
@@ -109,6 +125,12 @@ class AssetService:
 
     def _too_large(self) -> str:
         return f"the file exceeds the {self.max_bytes / 2**20:.4g} MB limit (--max-lora-mb)"
+
+
+def _discard(fh: BinaryIO, temp: Path) -> None:
+    """Close and remove the temp file (a no-op once it was staged)."""
+    fh.close()
+    temp.unlink(missing_ok=True)
 
 
 class _Rejected(Exception):

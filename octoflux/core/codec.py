@@ -146,10 +146,11 @@ def webp_bytes(image: Image.Image) -> bytes:
 ENCODERS = {"png": png_bytes, "jpeg": jpeg_bytes, "webp": webp_bytes}
 
 
-def encode_image(image: Image.Image, encoding: str) -> str:
-    return base64.b64encode(ENCODERS[encoding](image)).decode("ascii")
+def encode_image(image: Image.Image, encoding: str) -> bytes:
+    """The image as a file in `encoding` ("png", "jpeg" or "webp")."""
+    return ENCODERS[encoding](image)
 
 
-def encode_images(images: list[Image.Image], encoding: str) -> list[str]:
+def encode_images(images: list[Image.Image], encoding: str) -> list[bytes]:
     """Encode in parallel: fpng, Pillow's zlib and libjpeg release the GIL."""
     return list(_encode_pool.map(lambda image: encode_image(image, encoding), images))

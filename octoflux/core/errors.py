@@ -1,15 +1,15 @@
 """Domain errors, and the one table that gives each its status, kind and message.
 
-The service raises these (no HTTP in them); each API dialect renders a `Problem` in its own shape:
-OctoAI's routes in `octoflux/api/octoai/errors.py`, OpenAI's in their adapter.
+The service raises these (no HTTP in them); each API dialect renders a `Problem` in its own shape
+(`octoflux/api/<dialect>/errors.py`), and `octoflux/api/common/dialects.py` says which dialect a path
+speaks. Importing this module loads no torch: Ray's HTTP proxy renders errors with it too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from octoflux.pipelines.engine import GenerationFailed, OutOfMemory
-from octoflux.pipelines.loras import LoraError
+from octoflux.pipelines.errors import GenerationFailed, LoraError, OutOfMemory, PipelineError
 
 # Nginx's "client closed request": logged, never seen by the client that left.
 CLIENT_CLOSED = 499
@@ -83,10 +83,6 @@ class TooLarge(ServiceError):
     status, kind = 413, "body_too_large"
 
 
-class WorkerLost(ServiceError):
-    status, kind = 503, "worker_lost"
-
-
 class JobCancelled(Exception):
     """The job was cancelled before it finished; `reason` says by whom."""
 
@@ -94,6 +90,25 @@ class JobCancelled(Exception):
         super().__init__(reason)
         self.reason = reason
         self.started = started
+
+
+# The kind of an error known by its HTTP status alone (the router's 404, auth's 401, a bare 500).
+STATUS_KINDS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "validation",
+    429: "queue_full",
+    500: "internal",
+    503: "unavailable",
+    504: "timeout",
+}
+# Everything `problem()` gives a status of its own: what the HTTP side catches and renders.
+DOMAIN_ERRORS = (ServiceError, PipelineError, JobCancelled)
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,10 @@ def problem(exc: BaseException) -> Problem:
     if isinstance(exc, JobCancelled):
         return _cancelled(exc)
     return Problem(500, "internal", f"generation failed: {type(exc).__name__}")
+
+
+def status_kind(status: int) -> str:
+    return STATUS_KINDS.get(status, f"http_{status}")
 
 
 def _cancelled(exc: JobCancelled) -> Problem:

@@ -1,6 +1,6 @@
-"""A validated request becomes a `GenerationSpec`: images decoded and fitted, defaults, sizes, seeds.
+"""An `ImageRequest` becomes a `GenerationSpec`: the served model's defaults, sizes, seeds, fitted images.
 
-Pure functions, no HTTP and no model: each raises `InvalidField` naming the field it cannot use.
+Pure functions, no HTTP and no model: each raises `InvalidField` naming the core's field it cannot use.
 """
 
 from __future__ import annotations
@@ -10,21 +10,22 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from octoflux.api.octoai.protocol import (
+from octoflux.core.codec import ImageDecodeError, decode_image, fit
+from octoflux.core.errors import InvalidField, problem
+from octoflux.core.models import (
     DEFAULT_GUIDANCE,
     DEFAULT_INPAINT_STRENGTH,
     DEFAULT_SIZE,
-    DEFAULT_STEPS,
     DEFAULT_STRENGTH,
     MAX_SEED,
     SUPPORTED_RESOLUTIONS,
-    GenerateRequest,
+    check_image_inputs,
     nearest_resolution,
     resolution_error,
 )
-from octoflux.core.codec import ImageDecodeError, decode_image, fit
-from octoflux.core.errors import InvalidField, problem
+from octoflux.core.request import ImageRequest
 from octoflux.pipelines.engine import GenerationSpec
+from octoflux.pipelines.family import Family
 from octoflux.pipelines.loras import LoraError, LoraLibrary, lora_name
 
 ASPECT_TOLERANCE = 0.01
@@ -35,9 +36,17 @@ class ImageLimits:
     max_bytes: int
     max_pixels: int
 
+    def decode(self, value: str, field: str) -> Image.Image:
+        """A base64 image (data-URL prefix allowed) within these limits; `InvalidField` naming `field`."""
+        try:
+            return decode_image(value, field, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+        except ImageDecodeError as exc:
+            raise InvalidField(exc.field, str(exc)) from None
+
 
 def resolve_seeds(seed: int | list[int | None] | None, num_images: int) -> list[int]:
-    """An int gives seed, seed+1, ...; a list gives one seed per image; gaps are drawn at random."""
+    """An int gives seed, seed+1, ... wrapping past 2^32-1 to 1; a list gives one seed per image;
+    gaps are drawn at random."""
     if isinstance(seed, int):
         return [(seed - 1 + i) % MAX_SEED + 1 for i in range(num_images)]
     if seed is None:
@@ -47,7 +56,9 @@ def resolve_seeds(seed: int | list[int | None] | None, num_images: int) -> list[
     return [s if s is not None else secrets.randbelow(MAX_SEED) + 1 for s in seed]
 
 
-def resolve_size(width: int | None, height: int | None, init_aspect: float | None) -> tuple[int, int]:
+def resolve_size(
+    width: int | None, height: int | None, init_aspect: float | None, family: Family | None = None
+) -> tuple[int, int]:
     """The requested size, the default, or (with an init image) the supported size nearest its aspect."""
     if width is not None and height is not None:
         size = (width, height)
@@ -56,27 +67,13 @@ def resolve_size(width: int | None, height: int | None, init_aspect: float | Non
     else:
         size = nearest_resolution(init_aspect, width, height)
         if size is None:
-            raise InvalidField("width" if width is not None else "height", resolution_error(width, height))
+            raise InvalidField(
+                "width" if width is not None else "height", resolution_error(width, height, family)
+            )
     if size not in SUPPORTED_RESOLUTIONS:
         bad_width = size[0] not in {w for w, _ in SUPPORTED_RESOLUTIONS}
-        raise InvalidField("width" if bad_width else "height", resolution_error(*size))
+        raise InvalidField("width" if bad_width else "height", resolution_error(*size, family))
     return size
-
-
-def decode_inputs(
-    init_b64: str | None, mask_b64: str | None, limits: ImageLimits
-) -> tuple[Image.Image | None, Image.Image | None]:
-    if mask_b64 is not None and init_b64 is None:
-        raise InvalidField("mask_image", "mask_image needs init_image (inpainting edits an existing image)")
-    bounds = dict(max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-    try:
-        init = decode_image(init_b64, "init_image", **bounds) if init_b64 is not None else None
-        mask = decode_image(mask_b64, "mask_image", **bounds) if mask_b64 is not None else None
-    except ImageDecodeError as exc:
-        raise InvalidField(exc.field, str(exc)) from None
-    if init is not None and mask is not None:
-        check_same_aspect(init, mask)
-    return init, mask
 
 
 def check_same_aspect(init: Image.Image, mask: Image.Image, field: str = "mask_image") -> None:
@@ -88,30 +85,28 @@ def check_same_aspect(init: Image.Image, mask: Image.Image, field: str = "mask_i
         )
 
 
-def build_spec(
-    req: GenerateRequest,
-    limits: ImageLimits,
-    *,
-    default_steps: int = DEFAULT_STEPS,
-    init: Image.Image | None = None,
-    mask: Image.Image | None = None,
-) -> GenerationSpec:
-    """Decode images (unless given decoded) and apply defaults; `InvalidField` for anything unusable."""
-    if init is None and mask is None:
-        init, mask = decode_inputs(req.init_image, req.mask_image, limits)
-    width, height = resolve_size(req.width, req.height, init.width / init.height if init else None)
-    strength = req.strength or (DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH)
+def build_spec(request: ImageRequest, family: Family) -> GenerationSpec:
+    """The served model's defaults applied; `InvalidField` for anything the model cannot use."""
+    check_image_inputs(family, request)
+    init, mask = request.init_image, request.mask_image
+    if mask is not None and init is None:
+        raise InvalidField("mask_image", "mask_image needs init_image (inpainting edits an existing image)")
+    if init is not None and mask is not None:
+        check_same_aspect(init, mask)
+    aspect = init.width / init.height if init is not None else None
+    width, height = resolve_size(request.width, request.height, aspect, family)
+    strength = request.strength or (DEFAULT_INPAINT_STRENGTH if mask is not None else DEFAULT_STRENGTH)
     return GenerationSpec(
-        prompt=req.prompt,
+        prompt=request.prompt,
         width=width,
         height=height,
-        steps=req.steps or default_steps,
-        guidance=req.cfg_scale if req.cfg_scale is not None else DEFAULT_GUIDANCE,
-        seeds=resolve_seeds(req.seed, req.num_images or 1),
+        steps=request.steps or family.default_steps,
+        guidance=request.guidance if request.guidance is not None else DEFAULT_GUIDANCE,
+        seeds=resolve_seeds(request.seed, request.num_images),
         init_image=fit(init, width, height) if init is not None else None,
         mask_image=fit(mask, width, height).convert("L") if mask is not None else None,
         strength=strength,
-        loras={name: 1.0 if weight is None else weight for name, weight in (req.loras or {}).items()},
+        loras=dict(request.loras),
     )
 
 

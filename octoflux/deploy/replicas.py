@@ -8,14 +8,14 @@ never imports Ray. Importing this module loads no torch: Ray's proxy imports it 
 
 Errors Ray produces itself (a replica killed mid-request, no replica up) would reach clients as a
 bare 500 or a text 503; `proxy_middlewares` (loaded into Ray's proxy through
-RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH) turns them into this API's JSON errors.
+RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH) turns them into JSON errors in the shape of the API the
+path belongs to (octoflux/api/common/dialects.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -24,7 +24,9 @@ import threading
 from ray import serve
 from starlette.middleware import Middleware
 
+from octoflux.api.common.dialects import send_error
 from octoflux.api.common.request_log import REPLICA_HEADER
+from octoflux.core.errors import Problem
 from octoflux.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class OctofluxReplica:
 
     async def _report_load(self) -> None:
         """Queue depth, jobs in flight and readiness in the store, for the deployment's /metrics."""
-        from octoflux.core.async_jobs import HEARTBEAT_EVERY_S
+        from octoflux.core.async_jobs import REPLICA_HEARTBEAT_S
 
         service = self.service
         while True:
@@ -81,7 +83,7 @@ class OctofluxReplica:
             load["ready"] = service.ready
             with contextlib.suppress(Exception):  # the store being down is logged by the heartbeat
                 await asyncio.to_thread(service.state.put_replica_load, service.replica, load)
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            await asyncio.sleep(REPLICA_HEARTBEAT_S)
 
 
 def replica_count(settings: Settings, gpus: float) -> int:
@@ -254,15 +256,16 @@ def proxy_middlewares() -> list[Middleware]:
     return [Middleware(ProxyErrors)]
 
 
-def ray_error(status: int, body: bytes) -> tuple[int, str, int | None]:
-    """Status, detail and Retry-After for an answer Ray made itself (no replica wrote it)."""
+def ray_problem(status: int, body: bytes) -> Problem:
+    """What to answer for a response Ray made itself (no replica wrote it)."""
     if status == 429 or b"backpressure" in body.lower():
-        return 429, "server busy: every replica's queue is full; retry", RETRY_AFTER_S
+        busy = "server busy: every replica's queue is full; retry"
+        return Problem(429, "queue_full", busy, retry_after=RETRY_AFTER_S)
     if status == 503:
-        return 503, "no replica is ready to serve; retry", RETRY_AFTER_S
+        return Problem(503, "not_ready", "no replica is ready to serve; retry", retry_after=RETRY_AFTER_S)
     if status == 408:
-        return 504, "request timed out", None
-    return 503, REPLICA_LOST, None
+        return Problem(504, "timeout", "request timed out")
+    return Problem(503, "worker_lost", REPLICA_LOST)
 
 
 class ProxyErrors:
@@ -302,10 +305,4 @@ class ProxyErrors:
             log.warning("request to a replica failed in the proxy", exc_info=True)
         if passed:
             return
-        status, detail, retry_after = ray_error(held["status"] if held else 500, held_body)
-        body = json.dumps({"detail": detail}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if retry_after is not None:
-            headers.append((b"retry-after", str(retry_after).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, scope.get("path", ""), ray_problem(held["status"] if held else 500, held_body))

@@ -1,7 +1,7 @@
 """Every private or undocumented diffusers/PEFT API this project relies on, each behind one function.
 
 diffusers and PEFT may move any of these in a minor release; pyproject.toml pins the minors they
-were tested with, and tests/test_compat.py has one test per entry that names the API when it
+were tested with, and tests/unit/pipelines/test_compat.py has one test per entry that names the API when it
 moves. Public, documented APIs are called directly elsewhere; only what is underscored, imported
 from an internal module, or relies on an internal attribute belongs here.
 """

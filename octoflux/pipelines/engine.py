@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from octoflux.pipelines.errors import GenerationFailed as GenerationFailed  # re-exported
+from octoflux.pipelines.errors import OutOfMemory
 from octoflux.pipelines.family import FAMILIES, detect_family
 from octoflux.pipelines.inpaint import composite_unmasked
 from octoflux.pipelines.loras import LoraCache
@@ -21,14 +23,6 @@ log = logging.getLogger(__name__)
 
 class GenerationCancelled(Exception):
     """The job was cancelled (client gone, deadline, shutdown) between denoising steps."""
-
-
-class GenerationFailed(RuntimeError):
-    """The pipeline raised while running a job."""
-
-
-class OutOfMemory(GenerationFailed):
-    """The device ran out of memory for this job; fewer images may fit."""
 
 
 class ModeNotOffered(ValueError):

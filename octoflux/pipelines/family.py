@@ -13,6 +13,7 @@ class Family:
     """What the API offers for one model family; the service reads its defaults from here."""
 
     model_id: str  # the id routes and /v1/models use
+    title: str  # how messages name it
     default_steps: int
     guidance: bool  # False: the transformer has no guidance embedding, cfg_scale changes nothing
     image_inputs: bool  # img2img and inpaint offered
@@ -25,9 +26,16 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    FLUX_DEV: Family(FLUX_DEV, default_steps=30, guidance=True, image_inputs=True, max_sequence_length=512),
+    FLUX_DEV: Family(
+        FLUX_DEV, "FLUX.1-dev", default_steps=30, guidance=True, image_inputs=True, max_sequence_length=512
+    ),
     FLUX_SCHNELL: Family(
-        FLUX_SCHNELL, default_steps=4, guidance=False, image_inputs=False, max_sequence_length=256
+        FLUX_SCHNELL,
+        "FLUX.1-schnell",
+        default_steps=4,
+        guidance=False,
+        image_inputs=False,
+        max_sequence_length=256,
     ),
 }
 

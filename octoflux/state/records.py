@@ -23,6 +23,7 @@ class JobRecord:
     error_status: int | None = None  # the HTTP status a sync call would have answered
     finished_at: float | None = None  # unix seconds
     webhook_url: str | None = None
+    result_url: str | None = None  # absolute URL of the result, which the completed webhook carries
 
 
 @dataclass

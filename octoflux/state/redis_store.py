@@ -444,18 +444,22 @@ class RedisStateStore(StateStore):
     # ------------------------------------------------------------ result links
 
     @_redis_errors
-    def put_link(self, token: str, job_id: str, index: int, expires_at: float) -> None:
+    def put_link(self, token: str, image: bytes, media_type: str, expires_at: float) -> None:
         key = self._key("link", token)
         if expires_at <= time.time():
             self.client.delete(key)
             return
-        value = json.dumps([job_id, index, expires_at])
-        self.client.set(key, value, pxat=int(expires_at * 1000) + 1)
+        pipe = self.client.pipeline()
+        pipe.hset(key, mapping={"image": image, "media_type": media_type, "expires_at": expires_at})
+        pipe.pexpireat(key, int(expires_at * 1000) + 1)
+        pipe.execute()
 
     @_redis_errors
-    def get_link(self, token: str, now: float | None = None) -> tuple[str, int] | None:
-        raw = self.client.get(self._key("link", token))
-        if raw is None:
+    def get_link(self, token: str, now: float | None = None) -> tuple[bytes, str] | None:
+        raw = self.client.hgetall(self._key("link", token))
+        if not raw:
             return None
-        job_id, index, expires_at = json.loads(raw)
-        return (job_id, index) if expires_at > (time.time() if now is None else now) else None
+        expires_at = float(raw[b"expires_at"])
+        if expires_at <= (time.time() if now is None else now):
+            return None
+        return raw[b"image"], raw[b"media_type"].decode()

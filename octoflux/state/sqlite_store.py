@@ -44,7 +44,7 @@ _SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, owner TEXT, request_id TEXT NOT NULL, created_at REAL NOT NULL,
     replica TEXT NOT NULL, status TEXT NOT NULL, encoding TEXT NOT NULL, error TEXT,
-    error_status INTEGER, finished_at REAL, webhook_url TEXT,
+    error_status INTEGER, finished_at REAL, webhook_url TEXT, result_url TEXT,
     body BLOB, cancel_requested INTEGER NOT NULL DEFAULT 0, event_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
@@ -61,14 +61,16 @@ CREATE TABLE IF NOT EXISTS deliveries (
     status TEXT NOT NULL, last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
-CREATE TABLE IF NOT EXISTS links (
-    token TEXT PRIMARY KEY, job_id TEXT NOT NULL, idx INTEGER NOT NULL, expires_at REAL NOT NULL
+CREATE TABLE IF NOT EXISTS result_links (
+    token TEXT PRIMARY KEY, media_type TEXT NOT NULL, image BLOB NOT NULL, expires_at REAL NOT NULL
 );
 """
 _JOB_COLUMNS = ", ".join(JOB_FIELDS)
 _DELIVERY_COLUMNS = ", ".join(DELIVERY_FIELDS)
 _BUSY_TIMEOUT_MS = 10_000
-SCHEMA_VERSION = 1  # PRAGMA user_version of the file
+SCHEMA_VERSION = 2  # PRAGMA user_version of the file
+# Version 1 -> 2: jobs keep their result URL; links hold their image instead of pointing into a job.
+_MIGRATE_FROM_1 = ("ALTER TABLE jobs ADD COLUMN result_url TEXT", "DROP TABLE IF EXISTS links")
 
 
 class SqliteStateStore(StateStore):
@@ -124,6 +126,9 @@ class SqliteStateStore(StateStore):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"schema version {version} is newer than this server's")
+            if version == 1:
+                for statement in _MIGRATE_FROM_1:
+                    conn.execute(statement)
             for statement in _SQLITE_SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -186,7 +191,7 @@ class SqliteStateStore(StateStore):
         with self._write() as conn:
             old = f"SELECT id FROM jobs WHERE finished_at < ? AND status IN ({marks})"
             conn.execute(f"DELETE FROM events WHERE job_id IN ({old})", (cutoff, *FINAL))
-            conn.execute("DELETE FROM links WHERE expires_at <= ?", (now,))
+            conn.execute("DELETE FROM result_links WHERE expires_at <= ?", (now,))
             count = conn.execute(
                 f"DELETE FROM jobs WHERE finished_at < ? AND status IN ({marks})", (cutoff, *FINAL)
             ).rowcount
@@ -382,19 +387,17 @@ class SqliteStateStore(StateStore):
     # ------------------------------------------------------------ result links
 
     @_sqlite_errors
-    def put_link(self, token: str, job_id: str, index: int, expires_at: float) -> None:
+    def put_link(self, token: str, image: bytes, media_type: str, expires_at: float) -> None:
         with self._write() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO links (token, job_id, idx, expires_at) VALUES (?, ?, ?, ?)",
-                (token, job_id, index, expires_at),
+                "INSERT OR REPLACE INTO result_links (token, media_type, image, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                (token, media_type, image, expires_at),
             )
 
     @_sqlite_errors
-    def get_link(self, token: str, now: float | None = None) -> tuple[str, int] | None:
+    def get_link(self, token: str, now: float | None = None) -> tuple[bytes, str] | None:
         now = time.time() if now is None else now
-        row = (
-            self._conn()
-            .execute("SELECT job_id, idx FROM links WHERE token = ? AND expires_at > ?", (token, now))
-            .fetchone()
-        )
-        return (row[0], row[1]) if row else None
+        query = "SELECT image, media_type FROM result_links WHERE token = ? AND expires_at > ?"
+        row = self._conn().execute(query, (token, now)).fetchone()
+        return (bytes(row[0]), row[1]) if row else None

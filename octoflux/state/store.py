@@ -166,11 +166,12 @@ class StateStore(ABC):
 
     # ------------------------------------------------------------ result links
     @abstractmethod
-    def put_link(self, token: str, job_id: str, index: int, expires_at: float) -> None: ...
+    def put_link(self, token: str, image: bytes, media_type: str, expires_at: float) -> None:
+        """One image behind an unguessable token, kept until expires_at."""
 
     @abstractmethod
-    def get_link(self, token: str, now: float | None = None) -> tuple[str, int] | None:
-        """(job_id, image index) until expires_at, then None."""
+    def get_link(self, token: str, now: float | None = None) -> tuple[bytes, str] | None:
+        """(image bytes, media type) until expires_at, then None."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -13,10 +13,12 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from typing import TypeVar
 
 from octoflux.app import build_engine
 from octoflux.pipelines.engine import GenerationSpec
 
+T = TypeVar("T")
 WAIT = 30  # seconds any test waits for an event before failing instead of hanging
 
 
@@ -100,12 +102,16 @@ def wrap_pipelines(engine, before: Callable[[GenerationSpec], None]) -> None:
         setattr(engine, attr, FaultyPipeline(getattr(engine, attr), before, current))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:
+def wait_until(
+    condition: Callable[[], T], timeout: float = WAIT, what: str = "condition", every: float = 0.02
+) -> T:
+    """Poll `condition` every `every` seconds until it is truthy and return that value."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+    return value
 
 
 def open_raw_request(

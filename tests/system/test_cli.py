@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 import pytest
-from conftest import free_port
+from helpers.services import free_port
 
 from octoflux import cli
 from octoflux.cli import OTHER_GROUP

@@ -5,15 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from conftest import STEPS
 from helpers.engine_control import WAIT
-
-URL_PATH = "/generate/flux-dev"
-
-
-def body(prompt: str, **extra) -> dict:
-    return {"prompt": prompt, "width": 512, "height": 512, "steps": STEPS, "seed": 9, **extra}
-
+from helpers.requests import URL_PATH, body
 
 pytestmark = pytest.mark.usefixtures("controlled")
 
@@ -79,12 +72,12 @@ def test_oom_in_a_later_batch_still_fails_cleanly(server, control):
 
 
 def test_unexpected_error_in_the_http_layer_is_a_json_500_with_a_request_id(server, monkeypatch):
-    from octoflux.core import service
+    from octoflux.core import generation
 
     def broken(*args, **kwargs):
         raise KeyError("bug")
 
-    monkeypatch.setattr(service, "build_spec", broken)
+    monkeypatch.setattr(generation, "build_spec", broken)
     response = httpx.post(f"{server.url}{URL_PATH}", json=body("x"), timeout=WAIT)
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error"}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
 from helpers.engine_control import wait_until
+from helpers.services import free_port
 
 from octoflux.deploy.log_setup import LibraryFilter
 

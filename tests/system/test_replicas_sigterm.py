@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import free_port
+from helpers.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -122,3 +123,65 @@ def test_sigterm_interrupts_a_job_longer_than_the_shutdown_timeout(tiny_checkpoi
         assert "interrupted" in results["running"].json()["detail"]
         assert process.wait(WAIT) == 0
         assert time.monotonic() - started < WAIT
+
+
+DECLARED_BODY_BYTES = 2**20  # a byte per 0.5 s: about six days to send it all
+
+
+def open_slow_upload(url: str) -> socket.socket:
+    """A POST declaring a 1 MB body, returned once the app has started reading that body."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=WAIT)
+    head = [
+        f"POST {URL_PATH} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {DECLARED_BODY_BYTES}",
+        "Expect: 100-continue",  # uvicorn answers it when the app first asks for the body
+    ]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    received = b""
+    while b"100 Continue" not in received:
+        chunk = sock.recv(4096)
+        assert chunk, f"the server closed the connection instead of reading the body: {received!r}"
+        received += chunk
+    return sock
+
+
+def trickle(sock: socket.socket, stop: threading.Event, outcome: dict) -> None:
+    try:
+        while not stop.wait(0.5):
+            sock.sendall(b" ")
+    except OSError as exc:
+        outcome["send_error"] = exc
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """All the server sends until it closes the connection (a reset counts as closed)."""
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_closes_a_connection_still_sending_its_body_once_the_shutdown_timeout_is_spent(
+    tiny_checkpoint, tmp_path
+):
+    with serve_process(tiny_checkpoint, tmp_path, "--shutdown-timeout", "3") as (process, url, _):
+        sock = open_slow_upload(url)
+        stop, outcome = threading.Event(), {}
+        trickler = threading.Thread(target=trickle, args=(sock, stop, outcome), daemon=True)
+        trickler.start()
+        try:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(WAIT) == 0
+            answer = read_until_closed(sock)
+        finally:
+            stop.set()
+            trickler.join(WAIT)
+            sock.close()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 5"), answer

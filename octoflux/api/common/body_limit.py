@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
+
+from octoflux.api.common.dialects import send_error
+from octoflux.core.errors import TooLarge, problem
 
 
 class BodyTooLarge(HTTPException):
@@ -15,26 +17,19 @@ class BodyTooLarge(HTTPException):
         super().__init__(status_code=413, detail=detail)
 
 
-def octoai_body(message: str) -> dict:
-    return {"detail": message}
-
-
 class BodySizeLimit:
-    """`render(path, message)` gives the JSON body of a 413 refused before the route runs, so that
-    each API answers in its own error shape."""
+    """The 413 is written in the error shape of the API the path belongs to."""
 
     def __init__(
         self,
         app,
         max_bytes: int,
         exempt: Callable[[str], bool] | None = None,
-        render: Callable[[str, str], dict] | None = None,
     ):
         self.app = app
         self.max_bytes = max_bytes
         # Routes that enforce their own limit (LoRA uploads, up to --max-lora-mb).
         self.exempt = exempt or (lambda path: False)
-        self.render = render or (lambda path, message: octoai_body(message))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.exempt(scope.get("path", "")):
@@ -69,15 +64,4 @@ class BodySizeLimit:
         return f"request body exceeds the {self.max_bytes / 2**20:g} MB limit"
 
     async def _reject(self, scope, send) -> None:
-        body = json.dumps(self.render(scope.get("path", ""), self._message())).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, scope.get("path", ""), problem(TooLarge(self._message())))

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from octoflux.api.common.owners import owner_key
+from octoflux.core.request import Caller
 from octoflux.core.service import GenerationService
 
 
@@ -22,6 +23,16 @@ def request_owner(request: Request) -> str | None:
     if not request.app.state.service.settings.api_key_list:
         return None
     return owner_key(request.headers.get("authorization", "").partition(" ")[2].strip())
+
+
+def caller(request: Request, api: str = "sync") -> Caller:
+    """What the core needs to know of who asks, taken from the request once, on the way down."""
+    return Caller(
+        request_id=request.state.request_id,
+        api=api,
+        owner=request_owner(request),
+        client_gone=client_gone(request),
+    )
 
 
 def header_text(value: str | None) -> str | None:

@@ -13,7 +13,9 @@ import sys
 import time
 import uuid
 
+from octoflux.api.common.dialects import send_error
 from octoflux.core import metrics
+from octoflux.core.errors import Problem, status_kind
 
 access_log = logging.getLogger("octoflux.access")
 log = logging.getLogger(__name__)
@@ -25,20 +27,7 @@ REPLICA_HEADER = b"x-octoflux-replica"
 VALID_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
 # Probes and scrapes are logged at DEBUG so they do not drown the request log.
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
-ERROR_KINDS = {
-    400: "bad_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    422: "validation",
-    429: "queue_full",
-    500: "internal",
-    503: "unavailable",
-    504: "timeout",
-}
+INTERNAL = Problem(500, "internal", "internal server error")
 
 
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
@@ -57,7 +46,7 @@ def replica_of(scope) -> str | None:
 def error_kind(status: int, fields: dict) -> str | None:
     if status < 400:
         return None
-    return fields.get("error") or ERROR_KINDS.get(status, f"http_{status}")
+    return fields.get("error") or status_kind(status)
 
 
 class RequestContext:
@@ -95,7 +84,7 @@ class RequestContext:
             log.exception("unhandled error in request %s", request_id)
             fields.setdefault("error", "internal")
             if not response_started:
-                await _send_internal_error(send_with_id)
+                await send_error(send_with_id, scope.get("path", ""), INTERNAL)
         finally:
             self._log(scope, request_id, status, time.perf_counter() - started, fields)
 
@@ -119,18 +108,6 @@ class RequestContext:
             line["error"] = kind
         level = logging.DEBUG if quiet and status != 500 else logging.INFO
         access_log.log(level, json.dumps(line, ensure_ascii=False, default=str))
-
-
-async def _send_internal_error(send) -> None:
-    body = b'{"detail":"internal server error"}'
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 500,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def configure_access_log() -> None:

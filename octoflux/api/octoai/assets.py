@@ -12,7 +12,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from octoflux.api.common.auth import require_bearer
 from octoflux.api.common.deps import Service
@@ -97,7 +96,7 @@ def errors(*codes: int) -> dict:
 )
 async def create_asset(body: CreateAssetRequest, request: Request, service: Service):
     data = _check_create(body)
-    asset, token = await run_in_threadpool(service.assets.create, body.name, body.description or "", data)
+    asset, token = await service.assets.create(body.name, body.description or "", data)
     return {"asset": asset, "transfer_api": _transfer_api(request, asset["id"], token)}
 
 
@@ -110,7 +109,7 @@ async def list_assets(
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0),
 ):
-    assets = await run_in_threadpool(service.assets.all)
+    assets = await service.assets.all()
     if name is not None:
         assets = [a for a in assets if a["name"] == name]
     if asset_type:
@@ -128,7 +127,7 @@ async def list_assets(
     summary="Get an asset by id or [owner:]name",
 )
 async def get_asset(asset_id: str, service: Service):
-    asset = await run_in_threadpool(service.assets.find, asset_id)
+    asset = await service.assets.find(asset_id)
     return {"asset": asset, "transfer_api": {"type": "none"}}
 
 
@@ -139,7 +138,7 @@ async def get_asset(asset_id: str, service: Service):
     summary="Delete an asset and its file",
 )
 async def delete_asset(asset_id: str, service: Service):
-    return await run_in_threadpool(service.assets.delete, asset_id)
+    return await service.assets.delete(asset_id)
 
 
 @router.put(
@@ -162,7 +161,7 @@ async def upload_asset_file(asset_id: str, request: Request, service: Service, t
     summary="Download (no bearer)",
 )
 async def download_asset_file(asset_id: str, service: Service, token: str = ""):
-    path = service.assets.file(asset_id, token)
+    path = await service.assets.file(asset_id, token)
     return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 

@@ -1,24 +1,37 @@
-"""OctoAI's error shapes: each domain error rendered once, in the form the octoai SDK parses."""
+"""OctoAI's error shapes: each domain error rendered once, in the form the octoai SDK parses.
+
+`render` and `http_problem` are the default row of `octoflux/api/common/dialects.py`: every path
+that no other dialect claims answers its errors in this shape.
+"""
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
-from octoflux.core.errors import JobCancelled, Problem, ServiceError, problem
-from octoflux.pipelines.engine import GenerationFailed
-from octoflux.pipelines.loras import LoraError
+from octoflux.core.errors import DOMAIN_ERRORS, Problem, problem, status_kind
+
+
+def render(found: Problem) -> tuple[int, dict[str, str], dict]:
+    """`{"detail": [{loc, msg, type}]}` for a bad field (FastAPI's own 422 shape), else `{"detail": msg}`."""
+    if found.status == 422 and found.field is not None:
+        detail = [{"loc": [found.location, found.field], "msg": found.message, "type": "value_error"}]
+        return 422, {}, {"detail": detail}
+    headers = {"Retry-After": str(found.retry_after)} if found.retry_after else {}
+    return found.status, headers, {"detail": found.message}
+
+
+def http_problem(method: str, path: str, exc: HTTPException) -> Problem:
+    """An HTTPException (the router's 404/405, auth's 401): its detail is the message, as in FastAPI."""
+    return Problem(exc.status_code, status_kind(exc.status_code), str(exc.detail))
 
 
 def octoai_error(request: Request, found: Problem) -> JSONResponse:
-    """`{"detail": [{loc, msg, type}]}` for a bad field (FastAPI's own 422 shape), else `{"detail": msg}`."""
     request.state.log["error"] = found.kind
-    headers = {"Retry-After": str(found.retry_after)} if found.retry_after else None
-    if found.status == 422 and found.field is not None:
-        detail = [{"loc": [found.location, found.field], "msg": found.message, "type": "value_error"}]
-        return JSONResponse(status_code=422, content={"detail": detail})
-    return JSONResponse(status_code=found.status, content={"detail": found.message}, headers=headers)
+    status, headers, body = render(found)
+    return JSONResponse(status_code=status, content=body, headers=headers or None)
 
 
 def _domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -50,6 +63,7 @@ def _message(err: dict) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """OctoAI's handlers for validation and domain errors: routes outside OpenAI's speak OctoAI."""
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for kind in (ServiceError, GenerationFailed, LoraError, JobCancelled):
+    for kind in DOMAIN_ERRORS:
         app.add_exception_handler(kind, _domain_error)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -12,12 +14,19 @@ from fastapi.responses import StreamingResponse
 from octoflux.api.common.auth import require_bearer
 from octoflux.api.common.deps import Service, absolute_url, request_owner
 from octoflux.api.octoai.protocol import ErrorDetail
-from octoflux.core.progress import HEARTBEAT, encode_sse
-from octoflux.core.step_events import Watched
+from octoflux.api.octoai.sse import KEEPALIVE, encode_sse
+from octoflux.core.errors import InvalidField
+from octoflux.core.progress import Watched
 
 router = APIRouter(dependencies=[Depends(require_bearer)])
-HEARTBEAT_EVERY_S = 10.0
+# A stream that sent nothing for this long gets a keep-alive comment, so idle proxies keep it open.
+KEEPALIVE_EVERY_S = 10.0
+# The ids this stream sends are the store's sequence numbers: ASCII digits, far below 10**18.
+EVENT_ID = re.compile(r"[0-9]{1,18}")
 PreviewQuery = Annotated[bool, Query(description="`1`: add `preview` events (a small JPEG) every few steps")]
+LastEventIdHeader = Annotated[
+    str | None, Header(description="resume after this event id (the `id:` of an event this stream sent)")
+]
 
 
 @router.get(
@@ -28,6 +37,7 @@ PreviewQuery = Annotated[bool, Query(description="`1`: add `preview` events (a s
         200: {"content": {"text/event-stream": {}}, "description": "progress, preview, then one final event"},
         401: {"model": ErrorDetail, "description": "Missing or invalid bearer token"},
         404: {"model": ErrorDetail, "description": "No such job for this token, or it expired"},
+        422: {"description": "Last-Event-ID is not an event id this stream sends"},
     },
     summary="Live progress of an async generation (Server-Sent Events)",
 )
@@ -36,30 +46,48 @@ async def response_events(
     request: Request,
     service: Service,
     preview: PreviewQuery = False,
-    last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
+    last_event_id: LastEventIdHeader = None,
 ):
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
     watched = await service.events(
         response_id,
         request_owner(request),
         response_url=absolute_url(request, "response_result", response_id=response_id),
-        after=after,
+        after=resume_after(last_event_id),
         previews=preview,
     )
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer the stream
     return StreamingResponse(_frames(watched), media_type="text/event-stream", headers=headers)
 
 
+def resume_after(last_event_id: str | None) -> int:
+    """The sequence number a reconnecting client last received; 0 when it sent none."""
+    if not last_event_id:
+        return 0
+    if EVENT_ID.fullmatch(last_event_id) is None:
+        shown = (
+            last_event_id
+            if len(last_event_id) <= 40
+            else f"{last_event_id[:40]}... ({len(last_event_id)} chars)"
+        )
+        raise InvalidField(
+            "last-event-id",
+            f"Last-Event-ID must be an event id this stream sent (digits), not {shown!r}",
+            "header",
+        )
+    return int(last_event_id)
+
+
 async def _frames(watched: AsyncIterator[Watched]) -> AsyncIterator[bytes]:
-    """SSE frames, with a heartbeat comment whenever nothing was sent for HEARTBEAT_EVERY_S."""
+    """SSE frames, one chunk per batch, with a keep-alive comment whenever nothing was sent for
+    KEEPALIVE_EVERY_S."""
     last_sent = time.monotonic()
-    async for item in watched:
-        if item is None:
-            if time.monotonic() - last_sent < HEARTBEAT_EVERY_S:
+    async with aclosing(watched):  # closing the stream releases the watch's place in the job's feed
+        async for batch in watched:
+            if batch:
+                chunk = b"".join(encode_sse(event, None if seq is None else str(seq)) for seq, event in batch)
+            elif time.monotonic() - last_sent >= KEEPALIVE_EVERY_S:
+                chunk = KEEPALIVE
+            else:
                 continue
-            frame = HEARTBEAT
-        else:
-            seq, event = item
-            frame = encode_sse(event, None if seq is None else str(seq))
-        last_sent = time.monotonic()
-        yield frame
+            last_sent = time.monotonic()
+            yield chunk

@@ -1,4 +1,5 @@
-"""OctoAI's `POST /generate/flux-dev` request and response, with FLUX.1-dev's rules."""
+"""OctoAI's wire models: `POST /generate/flux-dev` (and flux-schnell) bodies, async answers; ranges as
+OctoAI's API page gives them (the served model's sizes and defaults are the core's, `core/models.py`)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-SUPPORTED_RESOLUTIONS: tuple[tuple[int, int], ...] = (
-    (512, 512), (576, 1024), (640, 1536), (768, 1024), (768, 1344),
-    (832, 1216), (896, 1152), (1024, 576), (1024, 768), (1024, 1024),
-    (1152, 896), (1216, 832), (1344, 768), (1536, 640),
-)  # fmt: skip
-DEFAULT_SIZE = 1024
-DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 3.5
-DEFAULT_STRENGTH = 0.8
-# Inpainting repaints the masked area from scratch unless the caller says otherwise.
-DEFAULT_INPAINT_STRENGTH = 1.0
-MAX_SEED = 2**32 - 1
-MAX_LORA_WEIGHT = 4.0
+from octoflux.core.models import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_LORA_WEIGHT,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    SUPPORTED_RESOLUTIONS,
+)
 
-# Fields the SDK can send that FLUX.1-dev does not support: a non-null value is a 422.
+__all__ = ["SUPPORTED_RESOLUTIONS", "AsyncAccepted", "AsyncStatus", "GenerateRequest", "GenerateResponse"]
+
+# Fields the SDK can send that FLUX.1 does not support ("[Not supported on FLUX]" on OctoAI's page):
+# a non-null value is a 422.
 UNSUPPORTED_ON_FLUX = (
     "checkpoint", "clip_skip", "controlnet", "controlnet_conditioning_scale",
     "controlnet_early_stop", "controlnet_image", "controlnet_preprocess", "high_noise_frac",
@@ -39,11 +39,11 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Annotated[str, Field(min_length=1, max_length=10_000, strict=True)]
-    cfg_scale: Annotated[StrictFloat, Field(gt=0, le=50)] | None = None
-    num_images: Annotated[StrictInt, Field(ge=1, le=16)] | None = None
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, strict=True)]
+    cfg_scale: Annotated[StrictFloat, Field(gt=0, le=MAX_GUIDANCE)] | None = None
+    num_images: Annotated[StrictInt, Field(ge=1, le=MAX_IMAGES)] | None = None
     seed: Seed | list[Seed | None] | None = None
-    steps: Annotated[StrictInt, Field(ge=1, le=200)] | None = None
+    steps: Annotated[StrictInt, Field(ge=1, le=MAX_STEPS)] | None = None
     width: StrictInt | None = None
     height: StrictInt | None = None
     strength: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
@@ -78,7 +78,7 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _not_on_flux(cls, value: Any) -> None:
         if value is not None:
-            raise ValueError("not supported on FLUX.1-dev; omit it or send null")
+            raise ValueError("not supported on FLUX.1; omit it or send null")
         return None
 
     @field_validator("loras")
@@ -86,7 +86,8 @@ class GenerateRequest(BaseModel):
     def _lora_weights_in_range(cls, loras: dict[str, float | None] | None) -> dict[str, float | None] | None:
         for name, weight in (loras or {}).items():
             if weight is not None and not (math.isfinite(weight) and abs(weight) <= MAX_LORA_WEIGHT):
-                raise ValueError(f"weight of LoRA {name!r} must be within [-4, 4]")
+                bound = f"{MAX_LORA_WEIGHT:g}"
+                raise ValueError(f"weight of LoRA {name!r} must be within [-{bound}, {bound}]")
         return loras
 
 
@@ -119,29 +120,3 @@ class AsyncStatus(BaseModel):
     created_at: float = Field(description="Unix time the job was accepted")
     error: str | None = Field(None, description="Why the job failed or was cancelled")
     response_url: str | None = Field(None, description="Where the result is, once completed")
-
-
-def resolution_error(width: int | None, height: int | None) -> str:
-    listed = ", ".join(f"{w}x{h}" for w, h in SUPPORTED_RESOLUTIONS)
-    return f"{width}x{height} is not a supported FLUX.1-dev resolution (width x height); use one of: {listed}"
-
-
-def nearest_resolution(
-    aspect: float, width: int | None = None, height: int | None = None
-) -> tuple[int, int] | None:
-    """The supported resolution closest in aspect ratio, keeping a given width or height if any."""
-    candidates = [
-        (w, h)
-        for w, h in SUPPORTED_RESOLUTIONS
-        if (width is None or w == width) and (height is None or h == height)
-    ]
-    if not candidates:
-        return None
-    # Ties (512x512 vs 1024x1024) go to the ~1 MP size FLUX.1-dev was tuned for.
-    return min(
-        candidates,
-        key=lambda wh: (
-            abs(math.log(wh[0] / wh[1]) - math.log(aspect)),
-            abs(wh[0] * wh[1] - DEFAULT_SIZE**2),
-        ),
-    )

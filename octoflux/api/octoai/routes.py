@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from octoflux.api.common.auth import require_bearer
-from octoflux.api.common.deps import Service, absolute_url, client_gone, header_text, log_spec, request_owner
+from octoflux.api.common.deps import Service, absolute_url, caller, header_text, log_spec
+from octoflux.api.octoai import convert
 from octoflux.api.octoai.protocol import (
     AsyncAccepted,
     AsyncStatus,
@@ -18,8 +19,11 @@ from octoflux.api.octoai.protocol import (
     GenerateRequest,
     GenerateResponse,
 )
-from octoflux.core.service import AsyncView, GenerationService
+from octoflux.core.async_jobs import AsyncView
+from octoflux.core.errors import InvalidField, NotFound
+from octoflux.core.service import GenerationService
 from octoflux.pipelines.family import FLUX_DEV, FLUX_SCHNELL
+from octoflux.webhooks.urls import WEBHOOK_HEADER
 
 router = APIRouter(dependencies=[Depends(require_bearer)])
 ASYNC_TRUE = {"1", "true", "yes"}
@@ -54,7 +58,12 @@ def serves(model_id: str):
     body, so the answer does not depend on it)."""
 
     def check(service: Service) -> None:
-        service.check_serves(model_id)
+        served = service.runtime.served_family().model_id
+        if served != model_id:
+            raise NotFound(
+                f"this server serves {served} (POST /generate/{served}), not {model_id}; "
+                f"start one with a {model_id} checkpoint to use this route"
+            )
 
     return Depends(check)
 
@@ -106,32 +115,42 @@ async def _generate(
     """Both families' route: sync answers the body, async (`X-OctoAI-Async: 1`) a poll URL."""
     fields: dict = request.state.log
     is_async = (async_header or "").strip().lower() in ASYNC_TRUE
-    fields["api"] = "async" if is_async else "sync"
-    webhook_url = await service.check_webhook(header_text(webhook_header), is_async)
-    spec = await service.prepare(body)
-    log_spec(fields, spec, with_prompt=bool(body.log_prompt))
-    encoding = body.image_encoding or "png"
-    request_id = request.state.request_id
-    if is_async:
-        record = await service.start_async(
+    who = caller(request, api="async" if is_async else "sync")
+    try:
+        webhook_url = await _webhook_url(service, header_text(webhook_header), is_async)
+        image_request = await run_in_threadpool(convert.image_request, body, service.limits)
+        spec = await service.generation.prepare(image_request)
+        log_spec(fields, spec, with_prompt=bool(body.log_prompt))
+        encoding = body.image_encoding or "png"
+
+        def render(generated) -> bytes:
+            return convert.response_body(generated, encoding)
+
+        if not is_async:
+            content = await service.generation.generate(spec, who, render)
+            return Response(content=content, media_type="application/json")
+        record = await service.async_jobs.start(
             spec,
-            encoding=encoding,
-            owner=request_owner(request),
-            request_id=request_id,
-            log_fields=fields,
+            who,
+            render,
             webhook_url=webhook_url,
             result_url=lambda job_id: absolute_url(request, "response_result", response_id=job_id),
         )
         poll_url = absolute_url(request, "poll_response", response_id=record.id)
-        return JSONResponse(
-            status_code=202, content=AsyncAccepted(response_id=record.id, poll_url=poll_url).model_dump()
+        accepted = AsyncAccepted(response_id=record.id, poll_url=poll_url)
+        return JSONResponse(status_code=202, content=accepted.model_dump())
+    finally:
+        fields.update(api=who.api, **who.trace.fields())
+
+
+async def _webhook_url(service: GenerationService, url: str | None, is_async: bool) -> str | None:
+    if url is None:
+        return None
+    if not is_async:
+        raise InvalidField(
+            WEBHOOK_HEADER, f"{WEBHOOK_HEADER} needs an async call (X-OctoAI-Async: 1)", "header"
         )
-    response = await service.generate(
-        spec, encoding=encoding, request_id=request_id, client_gone=client_gone(request), log_fields=fields
-    )
-    # Serialized off the event loop: a multi-MB body would stall every other request meanwhile.
-    body = await run_in_threadpool(response.model_dump_json)
-    return Response(content=body, media_type="application/json")
+    return await service.async_jobs.check_webhook(url, WEBHOOK_HEADER)
 
 
 def _status(request: Request, view: AsyncView) -> AsyncStatus:
@@ -155,7 +174,7 @@ def _status(request: Request, view: AsyncView) -> AsyncStatus:
     summary="Status of an async generation; `response_url` once completed",
 )
 async def poll_response(response_id: str, request: Request, service: Service):
-    return _status(request, await service.poll(response_id, request_owner(request)))
+    return _status(request, await service.async_jobs.poll(response_id, caller(request).owner))
 
 
 @router.get(
@@ -166,7 +185,7 @@ async def poll_response(response_id: str, request: Request, service: Service):
     summary="The body a synchronous call would have returned",
 )
 async def response_result(response_id: str, request: Request, service: Service):
-    body = await service.result(response_id, request_owner(request))
+    body = await service.async_jobs.result(response_id, caller(request).owner)
     return Response(content=body, media_type="application/json")
 
 
@@ -178,4 +197,4 @@ async def response_result(response_id: str, request: Request, service: Service):
     summary="Cancel a pending or running async generation",
 )
 async def cancel_response(response_id: str, request: Request, service: Service):
-    return _status(request, await service.cancel(response_id, request_owner(request)))
+    return _status(request, await service.async_jobs.cancel_by_owner(response_id, caller(request).owner))

@@ -3,38 +3,32 @@
 `{"error": {"message", "type", "param", "code"}}`, with OpenAI's statuses: every bad value is a 400
 (never FastAPI's 422), a bad key a 401, a full queue a 429 with `Retry-After`. The routes use
 `OpenAIRoute`, which renders whatever the route raises (validation, auth, the service's domain
-errors via `octoflux.core.errors.problem`) here instead of in the app-wide OctoAI handlers.
+errors via `octoflux.core.errors.problem`) here instead of in the app-wide OctoAI handlers. `render`
+and `http_problem` are this dialect's row in `octoflux/api/common/dialects.py`, for errors answered
+outside the routes (404/405, 413, an unhandled 500, Ray's proxy).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fastapi import HTTPException, Request, params
+from fastapi import Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.exceptions import HTTPException
 
-from octoflux.api.common.body_limit import BodyTooLarge
-from octoflux.core.errors import JobCancelled, Problem, ServiceError, problem
-from octoflux.pipelines.engine import GenerationFailed
-from octoflux.pipelines.loras import LoraError
+from octoflux.core.errors import DOMAIN_ERRORS, Problem, problem
 
-# The OctoAI field a service error names -> the OpenAI parameter the caller sent.
-PARAMS = {
-    "num_images": "n",
-    "init_image": "image",
-    "mask_image": "mask",
-    "cfg_scale": "guidance",
-    "width": "size",
-    "height": "size",
-}
+# The core's field a service error names (`octoflux/core/request.py`) -> the OpenAI parameter the caller sent.
+PARAMS = {"num_images": "n", "init_image": "image", "mask_image": "mask", "width": "size", "height": "size"}
 CODES = {
     "validation": "invalid_value",
     "queue_full": "rate_limit_exceeded",
     "unauthorized": "invalid_api_key",
 }
+# The kind of an HTTPException raised while serving a route, by status (FastAPI's form errors are 400s).
+HTTP_KINDS = {401: "unauthorized", 413: "body_too_large"}
 
 
 def error_type(status: int) -> str:
@@ -45,32 +39,26 @@ def error_type(status: int) -> str:
     return "invalid_request_error"  # OpenAI's type for 400, 401 and 404 alike
 
 
+def render(found: Problem) -> tuple[int, dict[str, str], dict]:
+    """`{"error": {message, type, param, code}}`; a 422 is OpenAI's 400, a Retry-After goes along."""
+    status = 400 if found.status == 422 else found.status
+    headers = {"Retry-After": str(found.retry_after)} if found.retry_after else {}
+    error = {
+        "message": found.message,
+        "type": error_type(status),
+        "param": PARAMS.get(found.field, found.field) if found.field else None,
+        "code": CODES.get(found.kind, found.kind),
+    }
+    return status, headers, {"error": error}
+
+
 def openai_error(request: Request, found: Problem, headers: Mapping[str, str] | None = None) -> JSONResponse:
     log = getattr(request.state, "log", None)
     if log is not None:
         log["error"] = found.kind
-    status = 400 if found.status == 422 else found.status
-    headers = dict(headers or {})
-    if found.retry_after:
-        headers["Retry-After"] = str(found.retry_after)
-    return JSONResponse(status_code=status, content=error_body(found), headers=headers or None)
-
-
-def error_body(found: Problem) -> dict:
-    status = 400 if found.status == 422 else found.status
-    return {
-        "error": {
-            "message": found.message,
-            "type": error_type(status),
-            "param": PARAMS.get(found.field, found.field) if found.field else None,
-            "code": CODES.get(found.kind, found.kind),
-        }
-    }
-
-
-def too_large_body(message: str) -> dict:
-    """A 413 refused by the body limit before the route ran."""
-    return error_body(Problem(413, "body_too_large", message))
+    status, shape_headers, body = render(found)
+    headers = {**(headers or {}), **shape_headers}
+    return JSONResponse(status_code=status, content=body, headers=headers or None)
 
 
 def validation_problem(errors: list[dict]) -> Problem:
@@ -95,11 +83,18 @@ def validation_problem(errors: list[dict]) -> Problem:
     return Problem(400, "invalid_value", f"Invalid value for '{param}': {message}", param)
 
 
-def unrouted_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """A path under the OpenAI prefixes that no route serves (404), or a method it lacks (405)."""
-    where = f"{request.method} {request.url.path}"
-    message = f"Invalid URL ({where})" if exc.status_code == 404 else f"{exc.detail} ({where})"
-    return openai_error(request, Problem(exc.status_code, "invalid_url", message), exc.headers)
+def http_problem(method: str, path: str, exc: HTTPException) -> Problem:
+    """An HTTPException: a path no route serves (404) or a method it lacks (405) names the request."""
+    if exc.status_code in (404, 405):
+        where = f"{method} {path}"
+        message = f"Invalid URL ({where})" if exc.status_code == 404 else f"{exc.detail} ({where})"
+        return Problem(exc.status_code, "invalid_url", message)
+    return _route_http_problem(exc)
+
+
+def _route_http_problem(exc: HTTPException) -> Problem:
+    """An HTTPException a route raised: a 401 from auth, a 413 from the body limit, FastAPI's 400s."""
+    return Problem(exc.status_code, HTTP_KINDS.get(exc.status_code, "invalid_request"), str(exc.detail))
 
 
 def _is_form(request: Request) -> bool:
@@ -128,12 +123,9 @@ class OpenAIRoute(APIRoute):
                 if self._takes_form and not _is_form(request):
                     return openai_error(request, _not_a_form(request))
                 return openai_error(request, validation_problem(list(exc.errors())))
-            except BodyTooLarge as exc:
-                return openai_error(request, Problem(413, "body_too_large", str(exc.detail)))
-            except (HTTPException, StarletteHTTPException) as exc:
-                kind = "unauthorized" if exc.status_code == 401 else "invalid_request"
-                return openai_error(request, Problem(exc.status_code, kind, str(exc.detail)), exc.headers)
-            except (ServiceError, GenerationFailed, LoraError, JobCancelled) as exc:
+            except HTTPException as exc:
+                return openai_error(request, _route_http_problem(exc), exc.headers)
+            except DOMAIN_ERRORS as exc:
                 return openai_error(request, problem(exc))
 
         return serve

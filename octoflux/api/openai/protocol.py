@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 from fastapi import UploadFile
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from octoflux.api.octoai.protocol import MAX_SEED, SUPPORTED_RESOLUTIONS, GenerateRequest
+from octoflux.core.models import (
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STEPS,
+    SUPPORTED_RESOLUTIONS,
+)
 
 SIZES: dict[str, tuple[int, int]] = {f"{w}x{h}": (w, h) for w, h in SUPPORTED_RESOLUTIONS}
 AUTO = "auto"
@@ -50,11 +57,13 @@ class ImageOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    prompt: Annotated[str, Field(min_length=1, max_length=10_000)]
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
     model: str | None = Field(
         None, description="a served model id (`GET /v1/models`); omitted: the one served"
     )
-    n: Annotated[int, Field(ge=1, le=16)] | None = Field(None, description="images to generate (default 1)")
+    n: Annotated[int, Field(ge=1, le=MAX_IMAGES)] | None = Field(
+        None, description="images to generate (default 1)"
+    )
     size: str | None = Field(
         None,
         description="WIDTHxHEIGHT, one of FLUX's 14 resolutions, or `auto`: 1024x1024 for generations, "
@@ -68,10 +77,10 @@ class ImageOptions(BaseModel):
     seed: Annotated[int, Field(gt=0, le=MAX_SEED)] | None = Field(
         None, description="extension: image i gets seed+i (default: drawn at random)"
     )
-    steps: Annotated[int, Field(ge=1, le=200)] | None = Field(
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = Field(
         None, description="extension: denoising steps (default: the model's, 30 dev, 4 schnell)"
     )
-    guidance: Annotated[Finite, Field(gt=0, le=50)] | None = Field(
+    guidance: Annotated[Finite, Field(gt=0, le=MAX_GUIDANCE)] | None = Field(
         None, description="extension: FLUX.1-dev's distilled guidance (cfg_scale), default 3.5"
     )
 
@@ -95,21 +104,6 @@ class ImageOptions(BaseModel):
     @property
     def encoding(self) -> str:
         return self.output_format or "png"
-
-    def as_octoai(self, strength: float | None = None) -> GenerateRequest:
-        """The same request in the OctoAI route's terms; no size means the default (or, with an image,
-        the size nearest its aspect)."""
-        width, height = SIZES.get(self.size or AUTO, (None, None))
-        return GenerateRequest(
-            prompt=self.prompt,
-            num_images=self.n,
-            seed=self.seed,
-            steps=self.steps,
-            cfg_scale=self.guidance,
-            width=width,
-            height=height,
-            strength=strength,
-        )
 
 
 class ImageGenerateRequest(ImageOptions):

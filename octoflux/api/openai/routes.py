@@ -1,9 +1,9 @@
 """OpenAI's Images API on the same service as the OctoAI routes: `POST /v1/images/generations`,
 `POST /v1/images/edits`, `GET /v1/models`, and the keyless links of `response_format: "url"`.
 
-A second thin adapter: requests become the OctoAI route's `GenerateRequest` and go through the same
-`GenerationService.prepare`/`generate` (queue, limits, seeds, safety); only shapes differ. Errors are
-rendered by `OpenAIRoute` (octoflux/api/openai/errors.py).
+A thin dialect: requests become the core's `ImageRequest` (`convert.py`) and go through the same
+`generation.prepare`/`generate` as every dialect (queue, limits, seeds, safety); only shapes differ.
+Errors are rendered by `OpenAIRoute` (octoflux/api/openai/errors.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from octoflux.api.common.auth import require_bearer
-from octoflux.api.common.deps import Service, absolute_url, client_gone, log_spec
-from octoflux.api.octoai.protocol import GenerateResponse
+from octoflux.api.common.deps import Service, absolute_url, caller, log_spec
+from octoflux.api.openai import convert
 from octoflux.api.openai.errors import OpenAIRoute
 from octoflux.api.openai.protocol import (
     MEDIA_TYPES,
-    ImageData,
     ImageEditForm,
     ImageGenerateRequest,
     ImageOptions,
@@ -33,15 +32,11 @@ from octoflux.api.openai.protocol import (
 )
 from octoflux.api.openai.uploads import read_image, read_mask
 from octoflux.core.errors import InvalidField, NotFound
+from octoflux.core.request import ImageRequest
 from octoflux.core.service import GenerationService
 from octoflux.pipelines.family import Family
 
 router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI Images API"])
-PATHS = ("/v1/models", "/v1/images/")
-
-
-def is_openai_path(path: str) -> bool:
-    return path.startswith(PATHS)
 
 
 class ModelNotFound(NotFound):
@@ -65,7 +60,7 @@ ERRORS: dict = {
 @router.get("/v1/models", dependencies=AUTHORIZED, response_model=ModelList, responses=ERRORS)
 async def list_models(service: Service) -> ModelList:
     """The model this server serves (`flux-dev` or `flux-schnell`); empty while that is not known yet."""
-    family = service.family
+    family = service.runtime.family
     cards = [ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)] if family else []
     return ModelList(data=cards)
 
@@ -78,7 +73,7 @@ async def list_models(service: Service) -> ModelList:
 )
 async def retrieve_model(model: str, service: Service) -> ModelCard:
     """The served model's card (OpenAI's models.retrieve); 404 for any other id."""
-    family = service.family
+    family = service.runtime.family
     if family is None or model != family.model_id:
         raise ModelNotFound(f"The model '{model}' does not exist")
     return ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)
@@ -94,7 +89,7 @@ async def retrieve_model(model: str, service: Service) -> ModelCard:
 )
 async def create_images(body: ImageGenerateRequest, request: Request, service: Service):
     _served_family(service, body.model)
-    return await _generate(body, body.as_octoai(), request, service)
+    return await _generate(body, convert.image_request(body), request, service)
 
 
 @router.post(
@@ -110,7 +105,7 @@ async def edit_images(form: Annotated[ImageEditForm, Form()], request: Request, 
     if not family.image_inputs:
         raise InvalidField("image", f"{family.model_id} is text-to-image only: use /v1/images/generations")
     init, mask = await _read_uploads(form, service)
-    return await _generate(form, form.as_octoai(form.strength), request, service, init=init, mask=mask)
+    return await _generate(form, convert.image_request(form, init, mask, form.strength), request, service)
 
 
 @router.get(
@@ -124,15 +119,12 @@ async def edit_images(form: Annotated[ImageEditForm, Form()], request: Request, 
     summary="A generated image behind an unguessable link (`response_format: url`); no key needed",
 )
 async def image_link(token: str, service: Service) -> Response:
-    image, media_type = await service.linked_image(token)
+    image, media_type = await service.links.image(token)
     return Response(image, media_type=media_type, headers={"Cache-Control": "private, no-transform"})
 
 
 def _served_family(service: GenerationService, model: str | None) -> Family:
-    family = service.family
-    if family is None:  # not known before the model loads: this says loading (or why it failed)
-        service.check_accepting()
-        family = service.family
+    family = service.runtime.served_family()
     if model is not None and model != family.model_id:
         raise InvalidField("model", f"unknown model {model!r}; this server serves: {family.model_id}")
     return family
@@ -152,42 +144,27 @@ async def _read_uploads(
 
 
 async def _generate(
-    options: ImageOptions, octoai, request: Request, service: GenerationService, **decoded: Image.Image | None
+    options: ImageOptions, image_request: ImageRequest, request: Request, service: GenerationService
 ) -> ImagesResponse:
     fields: dict = request.state.log
-    fields["api"] = "openai"
-    spec = await service.prepare(octoai, **decoded)
-    log_spec(fields, spec, with_prompt=False)
-    result = await service.generate(
-        spec,
-        encoding=options.encoding,
-        request_id=request.state.request_id,
-        client_gone=client_gone(request),
-        log_fields=fields,
-    )
+    who = caller(request, api="openai")
+    try:
+        spec = await service.generation.prepare(image_request)
+        log_spec(fields, spec, with_prompt=False)
+        encoding = options.encoding
+        files, generated = await service.generation.generate(
+            spec, who, lambda generated: (convert.encoded(generated, encoding), generated)
+        )
+    finally:
+        fields.update(api=who.api, **who.trace.fields())
     if options.response_format == "url":
-        data = await _linked(result, options, request, service)
+        tokens = await service.links.publish(files, MEDIA_TYPES[encoding])
+        contents = [{"url": absolute_url(request, "image_link", token=token)} for token in tokens]
     else:
-        data = [_image(item, b64_json=item.image_b64) for item in result.images]
+        contents = convert.b64(files)
     return ImagesResponse(
         created=int(time.time()),
-        data=data,
-        output_format=options.encoding,
+        data=convert.image_data(generated, contents),
+        output_format=encoding,
         size=f"{spec.width}x{spec.height}",
-    )
-
-
-async def _linked(
-    result: GenerateResponse, options: ImageOptions, request: Request, service: GenerationService
-) -> list[ImageData]:
-    tokens = await service.link_images(result, MEDIA_TYPES[options.encoding], request.state.request_id)
-    return [
-        _image(item, url=absolute_url(request, "image_link", token=token))
-        for item, token in zip(result.images, tokens, strict=True)
-    ]
-
-
-def _image(item, **content: str) -> ImageData:
-    return ImageData(
-        **content, seed=item.seed, removed_for_safety=item.removed_for_safety, safety_score=item.safety_score
     )

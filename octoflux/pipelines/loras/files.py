@@ -2,19 +2,23 @@
 
 Nothing here touches the pipeline's weights; any thread may call it (uploads validate with it).
 `read_lora` converts every layout diffusers' `FluxPipeline.load_lora_weights` reads (diffusers/PEFT,
-kohya/sd-scripts and ComfyUI with or without CLIP `lora_te1_*` keys, XLabs, BFL) with diffusers'
-own converters, then checks every tensor against the pipeline's linear layers.
+ai-toolkit, kohya/sd-scripts and ComfyUI with or without CLIP `lora_te1_*` keys, XLabs, BFL) with
+diffusers' own converters, keeps what that loader would load (it leaves some converted keys out),
+then checks every tensor against the pipeline's linear layers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from octoflux.pipelines.errors import LoraError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 SUFFIX = ".safetensors"
@@ -36,16 +40,16 @@ FACTOR_SUFFIXES = (
     (".lora_up.weight", "B"),
 )
 CANONICAL = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias"}
+# CLIP keys in diffusers' pre-PEFT form: its text-encoder loader renames them only when it guesses
+# that form for the whole dict (a `to_out_lora` key is what it looks for), and skips them otherwise.
+OLD_CLIP_FORM = re.compile(r"\.to_(q|k|v|out)_lora\.")
+FACTOR_TAIL = re.compile(
+    r"(\.lora_[AB]\.|\.lora_(down|up)\.|_lora\.|\.lora\.|\.lora_linear_layer\.|\.alpha$).*$"
+)
+
+log = logging.getLogger(__name__)
 
 ModuleShapes = dict[str, tuple[int, int]]
-
-
-class LoraError(Exception):
-    """A LoRA named by a request or an upload cannot be used; `str()` says why and names it."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.name = name
 
 
 class LoraNotFound(LoraError):
@@ -179,7 +183,8 @@ def _reason(exc: Exception) -> str:
 
 
 def _convert(tensors: dict[str, torch.Tensor], name: str) -> tuple[dict, dict]:
-    """diffusers' own converters: every layout `load_lora_weights` reads → PEFT layout."""
+    """diffusers' own converters: every layout `load_lora_weights` reads → PEFT layout, less the
+    keys that loader leaves out."""
     from octoflux.pipelines import compat
 
     try:
@@ -187,13 +192,58 @@ def _convert(tensors: dict[str, torch.Tensor], name: str) -> tuple[dict, dict]:
     except Exception as exc:  # the converters raise ValueError, KeyError, AssertionError, ...
         reason = f"not a FLUX LoRA in a known key layout ({LAYOUTS}): {_reason(exc)}"
         raise LoraInvalid(name, reason) from None
-    # kohya's CLIP keys (`lora_te1_*`) come out in diffusers' pre-PEFT text-encoder layout
-    # (`self_attn.to_k_lora.down`); diffusers' text-encoder loader renames them the same way.
+    state, alphas, left_out = _as_loaded(state, alphas, name)
+    if left_out and not state:
+        raise LoraInvalid(
+            name,
+            f"no tensor in it is one FluxPipeline.load_lora_weights would load (after diffusers' "
+            f"converters none is under 'transformer.' or 'text_encoder.', e.g. {left_out[0]!r}), "
+            "so load_lora_weights would attach nothing",
+        )
+    if left_out:
+        modules = list(dict.fromkeys(FACTOR_TAIL.sub("", k) for k in left_out))
+        log.warning(
+            "LoRA %r: FluxPipeline.load_lora_weights leaves out its layers on %d modules after "
+            "diffusers' converters, and so does this server: %s",
+            name,
+            len(modules),
+            ", ".join(modules[:8]) + (", ..." if len(modules) > 8 else ""),
+        )
+    return state, alphas
+
+
+def _as_loaded(state: dict, alphas: dict, name: str) -> tuple[dict, dict, list[str]]:
+    """The converted keys as `load_lora_weights` hands them on (CLIP renamed to PEFT keys), and the
+    keys it leaves out."""
+
+    def loaded(key: str) -> bool:
+        # Each component gets only the keys under its name; the sd-scripts converter leaves
+        # img_in, txt_in, time_in, ... without the `transformer.` prefix.
+        return key.partition(".")[0] in COMPONENTS and not OLD_CLIP_FORM.search(key)
+
     clip = {k: v for k, v in state.items() if k.startswith("text_encoder.")}
     if clip:
-        state = {k: v for k, v in state.items() if k not in clip}
-        state.update(compat.text_encoder_keys_to_peft(clip))
-    return state, alphas
+        state = {**{k: v for k, v in state.items() if k not in clip}, **_clip_to_peft(clip, name)}
+    left_out = [k for k in [*state, *alphas] if not loaded(k)]
+    state = {k: v for k, v in state.items() if loaded(k)}
+    alphas = {k: v for k, v in alphas.items() if loaded(k)}
+    return state, alphas, left_out
+
+
+def _clip_to_peft(clip: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """kohya's CLIP keys (`lora_te1_*`) come out of the converter in diffusers' pre-PEFT text-encoder
+    forms (`self_attn.to_k_lora.down`, `mlp.fc1.lora_linear_layer.down`); renamed as diffusers'
+    text-encoder loader renames them."""
+    from octoflux.pipelines import compat
+
+    try:
+        return compat.text_encoder_keys_to_peft(clip)
+    except ValueError as exc:  # it guesses one form for the whole dict and may find none
+        raise LoraInvalid(
+            name,
+            f"diffusers' text-encoder loader cannot tell the form of its CLIP tensors (such as "
+            f"{next(iter(clip))!r}): {_reason(exc)}; so FluxPipeline.load_lora_weights would refuse it too",
+        ) from None
 
 
 def _split_key(key: str, shapes: ModuleShapes) -> tuple[str, str, str] | None:
@@ -207,9 +257,6 @@ def _split_key(key: str, shapes: ModuleShapes) -> tuple[str, str, str] | None:
             return None
         module, factor = key[: -len(".alpha")], "alpha"
     component, _, rest = module.partition(".")
-    if component not in COMPONENTS:
-        # diffusers' sd-scripts converter leaves a few transformer keys unprefixed (img_in, time_in, ...)
-        component, rest = "transformer", module
     if component == "text_encoder" and f"text_encoder.{rest}" not in shapes:
         rest = rest.removeprefix("text_model.")  # CLIPTextModel lost that level in transformers 5
     return component, rest, factor

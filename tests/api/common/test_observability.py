@@ -10,8 +10,7 @@ import httpx
 import pytest
 from conftest import STEPS
 from helpers.engine_control import wait_until
-
-URL_PATH = "/generate/flux-dev"
+from helpers.requests import URL_PATH, body
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,9 @@ def scrape(server) -> dict[str, float]:
 
 
 def generate(server, headers: dict | None = None, **extra) -> httpx.Response:
-    payload = {"prompt": "a kite", "width": 512, "height": 512, "steps": STEPS, "seed": 2, **extra}
-    return httpx.post(f"{server.url}{URL_PATH}", json=payload, timeout=60, headers=headers)
+    return httpx.post(
+        f"{server.url}{URL_PATH}", json=body("a kite", seed=2, **extra), timeout=60, headers=headers
+    )
 
 
 def test_metrics_count_queue_latency_images_steps_and_errors(server):

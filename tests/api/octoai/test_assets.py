@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from conftest import STEPS, b64_to_image, pixels
+from helpers.engine_control import WAIT
 from octoai.asset_library import LoraData
 from octoai.asset_library.client import OMIT
 from octoai.uploading_asset_library import AssetNotReady, UploadingAssetLibraryClient
@@ -58,9 +60,12 @@ def image(live, loras=None) -> np.ndarray:
     return pixels(b64_to_image(response.json()["images"][0]["image_b64"]))
 
 
+def create_body(name: str) -> dict:
+    return {"asset_type": "lora", "data": LORA_DATA, "name": name}
+
+
 def create(live, name: str) -> dict:
-    body = {"asset_type": "lora", "data": LORA_DATA, "name": name}
-    response = httpx.post(f"{live.url}/v1/assets", json=body, headers=AUTH)
+    response = httpx.post(f"{live.url}/v1/assets", json=create_body(name), headers=AUTH)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -283,3 +288,71 @@ def test_two_replicas_share_records_names_and_validation_claims(tmp_path, files)
     assert b.find(created["id"])["status"] == "ready"
     for store in stores:
         store.close()
+
+
+ASSET_STATE_CALLS = ("create_asset", "get_asset", "list_assets", "update_asset", "delete_asset")
+
+
+def asset_request(live, files, route: str) -> tuple[str, str, dict]:
+    """`(method, url, httpx arguments)` of one asset route, with an asset in the state it needs."""
+    name = f"held-{route}"
+    if route == "create":
+        return "POST", f"{live.url}/v1/assets", {"json": create_body(name), "headers": AUTH}
+    if route == "list":
+        return "GET", f"{live.url}/v1/assets", {"headers": AUTH}
+    created = create(live, name)
+    asset_url = f"{live.url}/v1/assets/{created['asset']['id']}"
+    if route in ("get", "delete"):
+        return route.upper(), asset_url, {"headers": AUTH}
+    content = files["style"].read_bytes()
+    if route == "upload":
+        return "PUT", created["transfer_api"]["put_url"], {"content": content}
+    assert httpx.put(created["transfer_api"]["put_url"], content=content).status_code == 200
+    if route == "complete-upload":
+        return "POST", f"{asset_url}/complete-upload", {"json": {}, "headers": AUTH}
+    done = httpx.post(f"{asset_url}/complete-upload", json={}, headers=AUTH)
+    assert done.status_code == 200 and done.json()["error"] is None, done.text
+    return "GET", created["transfer_api"]["get_url"], {}
+
+
+def held_until(release: threading.Event, entered: threading.Event, call: Callable) -> Callable:
+    """`call`, but it first waits for `release`, as behind a SQLite lock another process holds."""
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(WAIT)
+        return call(*args, **kwargs)
+
+    return held
+
+
+@pytest.mark.parametrize(
+    "route", ["create", "list", "get", "delete", "upload", "download", "complete-upload"]
+)
+def test_healthz_answers_while_an_asset_request_waits_on_the_state_store(live, files, monkeypatch, route):
+    method, url, arguments = asset_request(live, files, route)
+    entered, release, healthz_done = threading.Event(), threading.Event(), threading.Event()
+    for call in ASSET_STATE_CALLS:
+        state = live.service.state
+        monkeypatch.setattr(state, call, held_until(release, entered, getattr(state, call)))
+    answers: dict[str, httpx.Response] = {}
+
+    def send_asset_request():
+        answers["asset"] = httpx.request(method, url, timeout=2 * WAIT, **arguments)
+
+    def probe_healthz():
+        answers["healthz"] = httpx.get(f"{live.url}/healthz", timeout=2 * WAIT)
+        healthz_done.set()
+
+    asset_thread = threading.Thread(target=send_asset_request)
+    asset_thread.start()
+    try:
+        assert entered.wait(WAIT), f"the {route} request never reached the state store"
+        threading.Thread(target=probe_healthz, daemon=True).start()
+        answered_while_held = healthz_done.wait(WAIT)
+    finally:
+        release.set()
+        asset_thread.join(2 * WAIT)
+    assert answered_while_held, f"/healthz waited for the {route} request's state-store call"
+    assert answers["healthz"].status_code == 200
+    assert answers["asset"].status_code == 200, answers["asset"].text

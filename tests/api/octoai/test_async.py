@@ -6,20 +6,9 @@ import time
 
 import httpx
 import pytest
-from conftest import STEPS, b64_to_image
+from conftest import b64_to_image
 from helpers.engine_control import WAIT, wait_until
-
-from octoflux.core.async_jobs import AsyncJobs
-from octoflux.core.queue import Job, JobQueue
-from octoflux.pipelines.engine import GenerationSpec
-from octoflux.state.store import open_state_store
-
-ASYNC = {"X-OctoAI-Async": "1"}
-
-
-def body(prompt: str, **extra) -> dict:
-    return {"prompt": prompt, "width": 512, "height": 512, "steps": STEPS, "seed": 3, **extra}
-
+from helpers.requests import ASYNC, body
 
 pytestmark = pytest.mark.usefixtures("controlled")
 
@@ -40,11 +29,11 @@ def poll_until_final(client: httpx.Client, poll_url: str) -> dict:
 def test_sdk_infer_async_returns_the_synchronous_body(server):
     sdk = server.client()
     endpoint = f"{server.url}/generate/flux-dev"
-    future = sdk.infer_async(endpoint, body("a lighthouse"))
+    future = sdk.infer_async(endpoint, body("a lighthouse", seed=3))
     assert future.poll_url.startswith(server.url)
     wait_until(lambda: sdk.is_future_ready(future), what="async job")
     result = sdk.get_future_result(future)
-    sync = httpx.post(endpoint, json=body("a lighthouse"), timeout=WAIT).json()
+    sync = httpx.post(endpoint, json=body("a lighthouse", seed=3), timeout=WAIT).json()
     assert [img["seed"] for img in result["images"]] == [3]
     assert b64_to_image(result["images"][0]["image_b64"]).size == (512, 512)
     assert result["images"][0]["image_b64"] == sync["images"][0]["image_b64"]
@@ -54,7 +43,7 @@ def test_async_jpeg_result_is_the_jpeg_a_sync_call_returns(server):
     endpoint = f"{server.url}/generate/flux-dev"
     jpeg = body("a lighthouse", image_encoding="jpeg")
     with httpx.Client(timeout=WAIT) as client:
-        accepted = client.post(endpoint, json=jpeg, headers={"X-OctoAI-Async": "1"}).json()
+        accepted = client.post(endpoint, json=jpeg, headers=ASYNC).json()
         status = poll_until_final(client, accepted["poll_url"])
         result = client.get(status["response_url"]).json()
         sync = client.post(endpoint, json=jpeg).json()
@@ -150,57 +139,3 @@ def test_async_result_is_readable_only_with_the_creating_token(server_factory):
         future = sdk_with_auth.infer_async(f"{live.url}/generate/flux-dev", body("via sdk"))
         wait_until(lambda: sdk_with_auth.is_future_ready(future), what="async job via the SDK")
         assert len(sdk_with_auth.get_future_result(future)["images"]) == 1
-
-
-# Async records on their own, over a real SQLite state store: TTL, ownership, restarts.
-
-
-def finished_job() -> Job:
-    return Job(spec=GenerationSpec(prompt="x", width=512, height=512, steps=1, guidance=3.5, seeds=[1]))
-
-
-def async_jobs(path, ttl: float = 60.0) -> AsyncJobs:
-    jobs = AsyncJobs(open_state_store(f"sqlite:///{path}/state.db"), replica="r1", ttl_s=ttl)
-    jobs.heartbeat()
-    return jobs
-
-
-def test_finished_bodies_survive_a_restart_byte_for_byte(tmp_path):
-    jobs = async_jobs(tmp_path)
-    job = finished_job()
-    jobs.create(job, owner="alice", encoding="png")
-    body = bytes(range(256)) * 100
-    assert jobs.complete(job.id, body)
-    jobs.store.close()
-    reopened = async_jobs(tmp_path)
-    assert reopened.get(job.id, "alice").status == "completed"
-    assert reopened.body(job.id) == body
-
-
-def test_results_expire_after_the_ttl_and_belong_to_their_owner(tmp_path):
-    # A TTL long enough that the reads right after completing come before it on a slow machine.
-    jobs = async_jobs(tmp_path, ttl=1.0)
-    job = finished_job()
-    jobs.create(job, owner="alice", encoding="png")
-    jobs.complete(job.id, b"{}")
-    assert jobs.get(job.id, "alice").status == "completed"
-    assert jobs.get(job.id, "bob") is None
-    time.sleep(1.1)
-    assert jobs.get(job.id, "alice") is None
-    assert jobs.sweep() == 1
-
-
-def test_pending_jobs_never_expire(tmp_path):
-    jobs = async_jobs(tmp_path, ttl=0)
-    job = finished_job()
-    jobs.create(job, owner=None, encoding="png")
-    assert jobs.get(job.id, None).status == "pending"
-
-
-def test_a_cancel_wins_over_a_completion_that_arrives_later(tmp_path):
-    jobs = async_jobs(tmp_path)
-    job = finished_job()
-    record = jobs.create(job, owner=None, encoding="png")
-    assert jobs.cancel(record, JobQueue(4))
-    assert not jobs.complete(job.id, b"{}")
-    assert jobs.get(job.id, None).status == "cancelled" and jobs.body(job.id) is None

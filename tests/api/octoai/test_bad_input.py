@@ -12,10 +12,10 @@ import httpx
 import numpy as np
 import pytest
 from conftest import STEPS, gradient_image, image_to_b64
+from helpers.requests import URL_PATH
 
 from octoflux.core.codec import ImageDecodeError, decode_image
 
-URL_PATH = "/generate/flux-dev"
 MAX_IMAGE_MB = 1
 MAX_BODY_MB = 2
 LIMITS = dict(max_bytes=MAX_IMAGE_MB * 2**20, max_pixels=40_000_000)

@@ -1,9 +1,11 @@
-"""Live progress: `GET /v1/responses/{id}/events` read through real HTTP clients (httpx-sse, raw lines)."""
+"""Live progress: `GET /v1/responses/{id}/events` read through real HTTP clients (httpx-sse, raw lines),
+and its SSE wire format decoded by httpx-sse's own decoder."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -11,9 +13,12 @@ import httpx
 import pytest
 from helpers.engine_control import WAIT, EngineControl, wait_until
 from httpx_sse import connect_sse
+from httpx_sse._decoders import SSEDecoder
 from PIL import Image
 
 from octoflux.api.octoai import events as events_route
+from octoflux.api.octoai.sse import KEEPALIVE, encode_sse, sse_frame
+from octoflux.core.progress import failed_event, progress_event
 
 KEY, OTHER_KEY = "key-a", "key-b"
 ASYNC = {"X-OctoAI-Async": "1"}
@@ -180,8 +185,8 @@ def test_dropping_the_stream_leaves_the_job_running(server, control):
     assert control.steps["an abandoned moon"] == 12
 
 
-def test_heartbeat_comments_while_nothing_happens(server, control, monkeypatch):
-    monkeypatch.setattr(events_route, "HEARTBEAT_EVERY_S", 0.2)
+def test_keepalive_comments_while_nothing_happens(server, control, monkeypatch):
+    monkeypatch.setattr(events_route, "KEEPALIVE_EVERY_S", 0.2)
     gate = control.hold("a quiet moon")
     accepted = submit(server, "a quiet moon")
     assert control.reached["a quiet moon"].wait(WAIT)
@@ -205,6 +210,21 @@ def test_other_tokens_get_404_and_no_token_401(server):
     assert httpx.get(url, timeout=WAIT).status_code == 401
 
 
+@pytest.mark.parametrize(
+    "last_event_id",
+    [b"\xb2", b"9" * 5000, b"-1"],
+    ids=["superscript-two-byte", "5000-digits", "negative"],
+)
+def test_a_malformed_last_event_id_is_a_422_naming_the_header(server, last_event_id):
+    accepted = submit(server, "a resumed moon")
+    with client() as http:
+        response = http.get(f"{accepted['poll_url']}/events", headers={"Last-Event-ID": last_event_id})
+    assert response.status_code == 422, response.text
+    (detail,) = response.json()["detail"]
+    assert detail["loc"] == ["header", "last-event-id"]
+    assert "Last-Event-ID" in detail["msg"] and len(detail["msg"]) < 200
+
+
 def test_a_watcher_on_another_replica_follows_the_job(server_factory, server, control):
     """Two processes on one state store: the job runs on one, the stream is served by the other."""
     with server_factory(
@@ -222,7 +242,7 @@ def test_a_watcher_on_another_replica_follows_the_job(server_factory, server, co
 def test_step_publisher_logs_progress_and_every_fourth_step_a_preview(tmp_path, caplog):
     import torch
 
-    from octoflux.core.step_events import StepPublisher
+    from octoflux.core.progress import StepPublisher
     from octoflux.pipelines.engine import StepEvent
     from octoflux.state.records import JobRecord
     from octoflux.state.store import open_state_store
@@ -241,3 +261,57 @@ def test_step_publisher_logs_progress_and_every_fourth_step_a_preview(tmp_path, 
         "progress events of job not-stored are not stored: RecordNotFound('not-stored')"
     ]
     store.close()
+
+
+# --- SSE wire format ----------------------------------------------------------------------------
+
+
+def parse_sse(stream: bytes) -> list:
+    """Decode a byte stream with httpx-sse's decoder (the WHATWG algorithm), line by line."""
+    decoder, events = SSEDecoder(), []
+    for line in stream.decode("utf-8").splitlines():
+        event = decoder.decode(line)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def test_frame_follows_the_sse_format():
+    frame = encode_sse(progress_event(2, 4, 0, 1.0), event_id="7")
+    assert frame == b'event: progress\nid: 7\ndata: {"step":2,"steps":4,"image_batch":0,"eta_s":1.0}\n\n'
+    (event,) = parse_sse(frame)
+    assert event.event == "progress" and event.id == "7"
+    assert json.loads(event.data) == {"step": 2, "steps": 4, "image_batch": 0, "eta_s": 1.0}
+
+
+def test_multiline_data_becomes_one_data_line_each_and_rejoins():
+    frame = sse_frame("note", "first\nsecond\r\nthird\rfourth", retry_ms=3000)
+    assert frame == b"event: note\nretry: 3000\ndata: first\ndata: second\ndata: third\ndata: fourth\n\n"
+    (event,) = parse_sse(frame)
+    assert event.data == "first\nsecond\nthird\nfourth" and event.retry == 3000
+
+
+def test_event_name_and_id_cannot_break_the_frame():
+    with pytest.raises(ValueError):
+        sse_frame("progress\ndata: forged", "{}")
+    with pytest.raises(ValueError):
+        sse_frame("progress", "{}", event_id="1\n\nevent: completed")
+
+
+def test_stream_of_frames_and_keepalives_decodes_in_order():
+    error = 'bad "prompt"\nsecond line'
+    stream = b"".join(
+        [
+            KEEPALIVE,
+            encode_sse(progress_event(1, 2, 0, None), "1"),
+            KEEPALIVE,
+            encode_sse(progress_event(2, 2, 0, 0.0), "2"),
+            KEEPALIVE,
+            encode_sse(failed_event(error), "3"),
+        ]
+    )
+    assert KEEPALIVE == b": keep-alive\n"
+    events = parse_sse(stream)
+    assert [e.event for e in events] == ["progress", "progress", "failed"]
+    assert [e.id for e in events] == ["1", "2", "3"]
+    assert json.loads(events[-1].data)["error"] == error  # JSON escapes the line break

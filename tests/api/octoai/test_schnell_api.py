@@ -105,6 +105,20 @@ def test_image_inputs_on_schnell_are_422_naming_the_field(schnell, field, value)
     assert "text-to-image only" in detail.msg
 
 
+@pytest.mark.parametrize("field", ["prompt", "width"])
+def test_messages_on_a_schnell_server_name_schnell_not_dev(schnell, field):
+    """A bad size, or a field FLUX.1 does not support, is worded for the served model."""
+    body = {"prompt": "a fox", "width": 1000, "height": 1000}
+    if field == "prompt":
+        body = {"prompt": "a fox", "negative_prompt": "blur", **SMALL}
+    response = httpx.post(f"{schnell.url}/generate/flux-schnell", json=body, timeout=60)
+    assert response.status_code == 422
+    message = response.json()["detail"][0]["msg"]
+    assert "FLUX.1-dev" not in message
+    if field == "width":
+        assert "FLUX.1-schnell resolution" in message
+
+
 def test_dev_route_on_schnell_server_is_404_through_the_sdk(schnell):
     with pytest.raises(ApiError) as caught:
         schnell.client().image_gen.generate_flux_dev(prompt="a fox", steps=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -101,6 +102,14 @@ def test_seed_list_with_a_bad_entry_is_422(http, seeds):
 def test_seed_list_length_must_equal_num_images(http, num_images, seeds):
     (error,) = assert_422_naming(post(http, with_fields(num_images=num_images, seed=seeds)), "seed")
     assert "num_images" in error["msg"]
+
+
+def test_the_top_seed_wraps_to_1_for_the_next_image_as_the_readme_says(http):
+    response = post(http, {**OK, "seed": 2**32 - 1, "num_images": 2})
+    assert [image["seed"] for image in response.json()["images"]] == [2**32 - 1, 1]
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    (seed_row,) = [line for line in readme.splitlines() if line.startswith("| `seed` |")]
+    assert "wrapping past 4294967295 to 1" in seed_row
 
 
 def test_seed_list_length_defaults_num_images_to_one(http):

@@ -13,7 +13,9 @@ from standardwebhooks import Webhook
 from octoflux.core.errors import WORKER_LOST
 from octoflux.state.records import JobRecord
 from octoflux.state.store import open_state_store
-from octoflux.webhooks.dispatcher import WEBHOOK_HEADER, message_id, new_webhook_secret
+from octoflux.webhooks.message import message_id
+from octoflux.webhooks.signing import new_webhook_secret
+from octoflux.webhooks.urls import WEBHOOK_HEADER
 
 SECRET = new_webhook_secret()
 ASYNC = {"X-OctoAI-Async": "1"}
@@ -171,6 +173,22 @@ def test_private_target_is_refused_without_the_flag(server_factory, receiver):
     assert receiver.bodies("private") == []
 
 
+def test_webhook_url_with_credentials_is_a_422_naming_the_header(server, receiver):
+    # Refused even where private receivers are allowed: the URL is stored and logged.
+    url = f"http://user:hunter2@127.0.0.1:{receiver.port}/hook/credentials"
+    response = submit(server, url, "a lighthouse with a password")
+    message = header_error(response)
+    assert message.startswith(f"{WEBHOOK_HEADER}:") and "credentials are not allowed" in message
+    assert "hunter2" not in response.text
+    assert receiver.bodies("credentials") == []
+
+
+def test_6to4_form_of_a_metadata_address_is_a_422_naming_the_header(server_factory):
+    with server_factory(warmup=False, webhook_secret=SECRET, wait_ready=False) as strict:
+        message = header_error(submit(strict, "http://[2002:a9fe:a9fe::]/latest/", "a wrapped lighthouse"))
+    assert message.startswith(f"{WEBHOOK_HEADER}:") and "a cloud metadata address" in message
+
+
 def test_webhook_header_without_a_secret_is_a_422(server_factory, receiver):
     with server_factory(warmup=False, wait_ready=False) as unsigned:
         message = header_error(submit(unsigned, f"{receiver.base}/hook/unsigned", "an unsigned lighthouse"))
@@ -199,3 +217,45 @@ def test_delivery_survives_a_restart_and_orphans_are_announced(server_factory, r
     assert retry["event"]["data"]["response_url"].endswith(f"/v1/responses/{response_id}/result")
     assert orphan["event"]["type"] == "generation.failed"
     assert WORKER_LOST in orphan["event"]["data"]["error"]
+
+
+def test_a_job_rolled_back_on_a_full_queue_sends_no_webhook(server, receiver, monkeypatch):
+    """The queue fills between the room check and the enqueue (requests racing): the client gets a 429
+    and never sees the job's id, so nobody may hear of that job."""
+    with monkeypatch.context() as patched:
+        patched.setattr(server.service.jobs, "check_room", lambda: None)
+        patched.setattr(server.service.jobs, "max_queue", 0)
+        refused = submit(server, f"{receiver.base}/hook/rolledback", "a refused lighthouse")
+    assert refused.status_code == 429
+    accepted = submit(server, f"{receiver.base}/hook/rolledback", "an accepted lighthouse")
+    response_id = accepted.json()["response_id"]
+    calls_for(receiver, "rolledback", response_id)  # sent after the refused job's would have been
+    (only,) = receiver.bodies("rolledback")
+    assert response_id.encode() in only["body"]
+
+
+def test_a_job_cancelled_through_another_replica_leaves_nothing_behind_here(
+    server, server_factory, control, receiver
+):
+    """Replica A runs the job; a DELETE through replica B makes it final. A keeps no trace of it in memory."""
+    gate = control.hold("a job cancelled elsewhere")
+    accepted = submit(server, f"{receiver.base}/hook/elsewhere", "a job cancelled elsewhere").json()
+    control.reached["a job cancelled elsewhere"].wait(WAIT)
+    job_id = accepted["response_id"]
+    service = server.service
+    with server_factory(
+        warmup=False, wait_ready=False, state_dir=server.settings.state_dir, webhook_secret=SECRET
+    ) as other:
+        cancelled = httpx.delete(f"{other.url}/v1/responses/{job_id}", timeout=WAIT)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        wait_until(lambda: service.jobs.running is None, what="replica A's worker to stop the job")
+    gate.set()
+
+    def holders(owner) -> list[str]:
+        return [
+            name
+            for name, value in vars(owner).items()
+            if isinstance(value, dict | set | list) and any(job_id in repr(item) for item in value)
+        ]
+
+    wait_until(lambda: not holders(service) and not holders(service.async_jobs), what="A to forget the job")

@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 from conftest import STEPS, b64_to_image, gradient_image, image_to_b64, pixels
-from helpers.engine_control import WAIT, EngineControl, wait_until
+from helpers.engine_control import WAIT, wait_until
 from PIL import Image
 
 from octoflux.api.openai.uploads import read_mask
@@ -104,6 +104,17 @@ def test_generate_b64_gives_n_pngs_with_consecutive_seeds_and_no_safety_verdict(
         assert item.url is None
         # Without --safety-checker: nothing removed, no score.
         assert (item.removed_for_safety, item.safety_score) == (False, None)
+
+
+def test_openai_calls_are_counted_under_their_own_api_label(server, client):
+    def count(api: str) -> float:
+        text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        prefix = f'octoflux_request_seconds_count{{api="{api}",mode="text2img"}} '
+        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(prefix))
+
+    before = count("openai"), count("sync")
+    client.images.generate(prompt="a counted fox", size=SIZE, extra_body=FAST)
+    assert (count("openai"), count("sync")) == (before[0] + 1, before[1])
 
 
 def test_generate_gives_the_octoai_routes_pixels_for_the_same_seed(server, client):
@@ -321,11 +332,6 @@ def test_bad_key_is_authentication_error(server):
 
 
 @pytest.fixture(scope="module")
-def control():
-    return EngineControl()
-
-
-@pytest.fixture(scope="module")
 def full_server(server_factory, control):
     with server_factory(engine_factory=control.factory, warmup=False, max_queue=1) as live:
         yield live
@@ -360,19 +366,21 @@ def test_queue_full_is_rate_limit_error_with_retry_after(full_server, control):
 
 
 def test_result_links_live_in_the_state_store_and_expire_with_the_ttl(tmp_path):
-    from octoflux.api.octoai.protocol import GenerateResponse, ImageGeneration
-    from octoflux.core.async_jobs import AsyncJobs
+    import asyncio
+
+    from octoflux.core.errors import NotFound
+    from octoflux.core.links import ResultLinks
     from octoflux.state.store import open_state_store
 
     url = f"sqlite:///{tmp_path}/state.db"
     # A TTL long enough that the reads right after storing come before it on a slow machine.
-    jobs = AsyncJobs(open_state_store(url), replica="r1", ttl_s=1.0)
-    png = base64.b64encode(b"\x89PNG fake").decode()
-    result = GenerateResponse(images=[ImageGeneration(image_b64=png, seed=1)], prediction_time_ms=1.0)
-    jobs.store_links(["tok"], result, "image/png", "req")
-    other_replica = AsyncJobs(open_state_store(url), replica="r2", ttl_s=1.0)
-    assert other_replica.linked_image("tok") == (b"\x89PNG fake", "image/png")
-    assert other_replica.get(jobs.store.get_link("tok")[0], None) is None  # no poll URL reaches it
-    assert jobs.linked_image("nope") is None
+    links = ResultLinks(open_state_store(url), ttl_s=1.0)
+    (token,) = asyncio.run(links.publish([b"\x89PNG fake"], "image/png"))
+    other_replica = ResultLinks(open_state_store(url), ttl_s=1.0)
+    assert asyncio.run(other_replica.image(token)) == (b"\x89PNG fake", "image/png")
+    assert links.store.get_job(token) is None  # a link is not a job: no poll URL reaches it
+    with pytest.raises(NotFound):
+        asyncio.run(links.image("nope"))
     time.sleep(1.1)
-    assert jobs.linked_image("tok") is None
+    with pytest.raises(NotFound):
+        asyncio.run(links.image(token))

@@ -6,7 +6,8 @@ import pytest
 from conftest import gradient_image, image_to_b64
 from PIL import Image
 
-from octoflux.api.octoai.protocol import MAX_SEED, GenerateRequest
+from octoflux.api.octoai.convert import image_request
+from octoflux.api.octoai.protocol import GenerateRequest
 from octoflux.core.errors import (
     CLIENT_CLOSED,
     CLIENT_GONE,
@@ -19,15 +20,10 @@ from octoflux.core.errors import (
     QueueFull,
     problem,
 )
-from octoflux.core.spec import (
-    ImageLimits,
-    build_spec,
-    check_loras,
-    decode_inputs,
-    resolve_seeds,
-    resolve_size,
-)
+from octoflux.core.models import MAX_SEED
+from octoflux.core.spec import ImageLimits, build_spec, check_loras, resolve_seeds, resolve_size
 from octoflux.pipelines.engine import GenerationFailed, OutOfMemory
+from octoflux.pipelines.family import FAMILIES, FLUX_DEV, FLUX_SCHNELL
 from octoflux.pipelines.loras import LoraLibrary, LoraNotFound
 
 LIMITS = ImageLimits(max_bytes=32 * 2**20, max_pixels=40_000_000)
@@ -35,6 +31,11 @@ LIMITS = ImageLimits(max_bytes=32 * 2**20, max_pixels=40_000_000)
 
 def request(**fields) -> GenerateRequest:
     return GenerateRequest(prompt="a fox", **fields)
+
+
+def spec_of(body: GenerateRequest, family: str = FLUX_DEV):
+    """What the OctoAI route does: decode the wire images, then build the spec for the served family."""
+    return build_spec(image_request(body, LIMITS), FAMILIES[family])
 
 
 def field_of(excinfo) -> str:
@@ -77,49 +78,49 @@ def test_an_unsupported_size_names_the_wrong_dimension(width, height, field):
 
 def test_a_mask_without_an_init_image_names_mask_image():
     with pytest.raises(InvalidField) as excinfo:
-        decode_inputs(None, image_to_b64(Image.new("L", (64, 64))), LIMITS)
+        spec_of(request(mask_image=image_to_b64(Image.new("L", (64, 64)))))
     assert field_of(excinfo) == "mask_image"
 
 
 def test_a_mask_of_another_aspect_names_mask_image():
     init, mask = image_to_b64(gradient_image(64, 64)), image_to_b64(Image.new("L", (64, 32)))
     with pytest.raises(InvalidField) as excinfo:
-        decode_inputs(init, mask, LIMITS)
+        spec_of(request(init_image=init, mask_image=mask))
     assert field_of(excinfo) == "mask_image" and "aspect" in str(excinfo.value)
 
 
 def test_an_undecodable_image_names_its_field():
     with pytest.raises(InvalidField) as excinfo:
-        decode_inputs("bm90IGFuIGltYWdl", None, LIMITS)
+        image_request(request(init_image="bm90IGFuIGltYWdl"), LIMITS)
     assert field_of(excinfo) == "init_image"
 
 
 def test_text_to_image_defaults():
-    spec = build_spec(request(), LIMITS)
+    spec = spec_of(request())
     assert (spec.width, spec.height, spec.steps, spec.guidance) == (1024, 1024, 30, 3.5)
     assert spec.mode == "text2img" and len(spec.seeds) == 1 and spec.loras == {}
 
 
 def test_family_default_steps_apply_when_steps_are_omitted():
-    assert build_spec(request(), LIMITS, default_steps=4).steps == 4
-    assert build_spec(request(steps=9), LIMITS, default_steps=4).steps == 9
+    assert spec_of(request(), FLUX_SCHNELL).steps == 4
+    assert spec_of(request(steps=9), FLUX_SCHNELL).steps == 9
 
 
 def test_image_to_image_fits_the_init_image_and_defaults_strength_to_0_8():
-    spec = build_spec(request(init_image=image_to_b64(gradient_image(300, 200))), LIMITS)
+    spec = spec_of(request(init_image=image_to_b64(gradient_image(300, 200))))
     assert spec.mode == "img2img" and spec.strength == 0.8
     assert (spec.width, spec.height) == (1216, 832) and spec.init_image.size == (1216, 832)
 
 
 def test_inpainting_defaults_strength_to_1_and_makes_a_grey_mask_of_the_output_size():
     init = image_to_b64(gradient_image(512, 512))
-    spec = build_spec(request(init_image=init, mask_image=init, width=512, height=512), LIMITS)
+    spec = spec_of(request(init_image=init, mask_image=init, width=512, height=512))
     assert spec.mode == "inpaint" and spec.strength == 1.0
     assert spec.mask_image.mode == "L" and spec.mask_image.size == (512, 512)
 
 
 def test_a_lora_without_a_weight_gets_weight_one():
-    assert build_spec(request(loras={"a": None, "b": 0.5}), LIMITS).loras == {"a": 1.0, "b": 0.5}
+    assert spec_of(request(loras={"a": None, "b": 0.5})).loras == {"a": 1.0, "b": 0.5}
 
 
 def test_loras_on_a_server_without_loras_name_loras():

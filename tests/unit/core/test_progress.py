@@ -1,28 +1,29 @@
-"""Live progress pieces: latent previews, progress events with an ETA, and the SSE wire format."""
+"""Live progress pieces: latent previews, progress events with an ETA, and watchers sharing one reader."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-import json
+import time
+from collections import Counter
 
 import pytest
 import torch
 from diffusers import FluxPipeline
-from httpx_sse._decoders import SSEDecoder
 from PIL import Image
 
 from octoflux.core.progress import (
-    HEARTBEAT,
+    JobEventHub,
     StepClock,
     cancelled_event,
     completed_event,
-    encode_sse,
     failed_event,
     final_event,
     preview_event,
     progress_event,
-    sse_frame,
+    stored_event,
+    watch_job,
 )
 from octoflux.pipelines.engine import Engine, GenerationSpec, StepEvent
 from octoflux.pipelines.preview import (
@@ -31,6 +32,8 @@ from octoflux.pipelines.preview import (
     latents_to_rgb,
     preview_data_url,
 )
+from octoflux.state.records import COMPLETED, JobRecord
+from octoflux.state.store import open_state_store
 
 DATA_URL_PREFIX = "data:image/jpeg;base64,"
 
@@ -40,16 +43,6 @@ def decode_data_url(url: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(url.removeprefix(DATA_URL_PREFIX))))
     image.load()
     return image
-
-
-def parse_sse(stream: bytes) -> list:
-    """Decode a byte stream with httpx-sse's decoder (the WHATWG algorithm), line by line."""
-    decoder, events = SSEDecoder(), []
-    for line in stream.decode("utf-8").splitlines():
-        event = decoder.decode(line)
-        if event is not None:
-            events.append(event)
-    return events
 
 
 def reference_projection(packed: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -162,45 +155,124 @@ def test_eta_comes_from_the_measured_step_time():
     assert clock.eta_s(10, 10, 1, 2) == 0
 
 
-# --- SSE wire format ----------------------------------------------------------------------------
+# --- Watching: one store reader per job, every watcher gets every event ---------------------------
 
 
-def test_frame_follows_the_sse_format():
-    frame = encode_sse(progress_event(2, 4, 0, 1.0), event_id="7")
-    assert frame == b'event: progress\nid: 7\ndata: {"step":2,"steps":4,"image_batch":0,"eta_s":1.0}\n\n'
-    (event,) = parse_sse(frame)
-    assert event.event == "progress" and event.id == "7"
-    assert json.loads(event.data) == {"step": 2, "steps": 4, "image_batch": 0, "eta_s": 1.0}
+@pytest.fixture
+def counted_store(tmp_path):
+    """A SQLite store whose event reads are counted per job."""
+    store = open_state_store(f"sqlite:///{tmp_path}/state.db")
+    reads: Counter[str] = Counter()
+    read_events = store.events_after
+
+    def counted(job_id: str, seq: int):
+        reads[job_id] += 1
+        return read_events(job_id, seq)
+
+    store.events_after = counted
+    store.reads = reads
+    yield store
+    store.close()
 
 
-def test_multiline_data_becomes_one_data_line_each_and_rejoins():
-    frame = sse_frame("note", "first\nsecond\r\nthird\rfourth", retry_ms=3000)
-    assert frame == b"event: note\nretry: 3000\ndata: first\ndata: second\ndata: third\ndata: fourth\n\n"
-    (event,) = parse_sse(frame)
-    assert event.data == "first\nsecond\nthird\nfourth" and event.retry == 3000
+def running_job(store, job_id: str) -> JobRecord:
+    store.create_job(JobRecord(job_id, None, "req", time.time(), replica="r"))
+    store.mark_running(job_id)
+    return store.get_job(job_id)
 
 
-def test_event_name_and_id_cannot_break_the_frame():
-    with pytest.raises(ValueError):
-        sse_frame("progress\ndata: forged", "{}")
-    with pytest.raises(ValueError):
-        sse_frame("progress", "{}", event_id="1\n\nevent: completed")
+def final(record: JobRecord):
+    return final_event(record.status, response_url=f"/v1/responses/{record.id}/result")
 
 
-def test_stream_of_frames_and_heartbeats_decodes_in_order():
-    error = 'bad "prompt"\nsecond line'
-    stream = b"".join(
-        [
-            HEARTBEAT,
-            encode_sse(progress_event(1, 2, 0, None), "1"),
-            HEARTBEAT,
-            encode_sse(progress_event(2, 2, 0, 0.0), "2"),
-            HEARTBEAT,
-            encode_sse(failed_event(error), "3"),
-        ]
-    )
-    assert HEARTBEAT == b": keep-alive\n"
-    events = parse_sse(stream)
-    assert [e.event for e in events] == ["progress", "progress", "failed"]
-    assert [e.id for e in events] == ["1", "2", "3"]
-    assert json.loads(events[-1].data)["error"] == error  # JSON escapes the line break
+class Collected:
+    """A watcher consumed in a task: the (sequence number, event) items it yielded, in order."""
+
+    def __init__(self, watch):
+        self.items: list = []
+        self.task = asyncio.create_task(self._collect(watch))
+
+    async def _collect(self, watch) -> None:
+        async for batch in watch:
+            self.items.extend(batch)
+
+
+async def until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+def test_watchers_of_one_job_cost_the_store_reads_of_one_watcher(counted_store):
+    """Job A has one watcher and job B twenty; both get the same events at the same moments."""
+    store, watchers_of_b, steps = counted_store, 20, 6
+
+    async def scenario():
+        alone = Collected(watch_job(store, running_job(store, "a"), final))
+        record_b = running_job(store, "b")
+        crowd = [Collected(watch_job(store, record_b, final)) for _ in range(watchers_of_b)]
+        for step in range(1, steps + 1):
+            for job_id in ("a", "b"):
+                store.append_event(job_id, stored_event(progress_event(step, steps, 0, None)))
+            await until(lambda step=step: all(len(w.items) >= step for w in [alone, *crowd]))
+        for job_id in ("a", "b"):
+            store.finish_job(job_id, COMPLETED)
+        await asyncio.gather(alone.task, *(w.task for w in crowd))
+        return alone, crowd
+
+    alone, crowd = asyncio.run(scenario())
+    expected = [(step, progress_event(step, steps, 0, None)) for step in range(1, steps + 1)]
+    for job_id, watchers in (("a", [alone]), ("b", crowd)):
+        for watcher in watchers:
+            assert watcher.items == [*expected, (None, completed_event(f"/v1/responses/{job_id}/result"))]
+    # One reader per job whatever the number of watchers: B's reads are A's, give or take the phase of
+    # the two readers' polls (each job is read several times per step here).
+    assert store.reads["a"] >= steps
+    assert store.reads["b"] <= store.reads["a"] + 2
+
+
+def test_a_late_watcher_resumes_from_what_the_reader_holds(counted_store):
+    """A watcher joining a watched job, with or without a last event id, costs no read of its own."""
+    store = counted_store
+
+    async def scenario():
+        JobEventHub.of(store).poll_s = 3600  # the reader reads once, then only if a watcher did
+        record = running_job(store, "job")
+        for step in (1, 2, 3):
+            store.append_event("job", stored_event(progress_event(step, 3, 0, None)))
+        first = watch_job(store, record, final)
+        assert [seq for seq, _ in await anext(first)] == [1, 2, 3]
+        reads = store.reads["job"]
+        late = [watch_job(store, record, final, after=after) for after in (0, 2)]
+        from_start = [seq for seq, _ in await anext(late[0])]
+        after_two = [seq for seq, _ in await anext(late[1])]
+        for watch in (first, *late):
+            await watch.aclose()
+        return from_start, after_two, store.reads["job"] - reads
+
+    from_start, after_two, reads_by_late_watchers = asyncio.run(scenario())
+    assert from_start == [1, 2, 3] and after_two == [3]
+    assert reads_by_late_watchers == 0
+
+
+def test_the_reader_stops_when_its_last_watcher_leaves(counted_store):
+    store = counted_store
+
+    async def scenario():
+        record = running_job(store, "job")
+        hub = JobEventHub.of(store)
+        watches = [watch_job(store, record, final) for _ in range(3)]
+        for watch in watches:
+            assert await anext(watch) == []  # subscribed: the first read found nothing
+        assert hub.watched_jobs == ["job"]
+        for watch in watches[:2]:
+            await watch.aclose()
+        assert hub.watched_jobs == ["job"]
+        await watches[2].aclose()
+        assert hub.watched_jobs == []
+        reads = store.reads["job"]
+        store.append_event("job", stored_event(progress_event(1, 2, 0, None)))
+        await asyncio.sleep(0.5)  # over three poll periods: a reader still running would read
+        return reads
+
+    reads_when_left = asyncio.run(scenario())
+    assert store.reads["job"] == reads_when_left

@@ -8,7 +8,7 @@ import torch
 from conftest import STEPS, b64_to_image, gradient_image, image_to_b64, pixels
 from PIL import Image, ImageOps
 
-from octoflux.api.octoai.protocol import MAX_SEED
+from octoflux.core.models import MAX_SEED
 
 # With 2 steps diffusers' img2img starts from pure noise for strength 0.6 and 0.8 alike (the init
 # image is ignored); 8 steps at strength 0.6 start at step 3, where the init image shapes the output.

@@ -18,7 +18,7 @@ from octoflux.pipelines.loras import (
     lora_name,
     read_lora,
 )
-from octoflux.pipelines.tiny_lora import make_lora, save_diffusers, save_raw
+from octoflux.pipelines.tiny_lora import make_lora, save_diffusers, save_raw, sd_scripts_file
 
 MB = 2**20
 
@@ -123,6 +123,24 @@ def test_read_lora_says_why_it_refuses_a_file(tmp_path, shapes):
     ranks = {**good, f"{q}.lora_B.weight": torch.zeros(32, 3)}
     assert "rank 4 but lora_B 3" in refusal(tmp_path, shapes, ranks)
     assert "is not a LoRA weight" in refusal(tmp_path, shapes, {"transformer.x.weight": torch.zeros(2)})
+
+
+def test_read_lora_leaves_out_and_logs_what_load_lora_weights_leaves_out(tmp_path, shapes, caplog):
+    """CLIP attention keys beside MLP keys without out_proj, and sd-scripts' embedders (no
+    `transformer.` prefix after diffusers' converter): plain diffusers loads neither."""
+    state = sd_scripts_file(4, clip=("self_attn_q_proj", "mlp_fc1"), embedders=True)
+    path = save_raw(state, tmp_path / "k.safetensors")
+    with caplog.at_level("WARNING", logger="octoflux.pipelines.loras.files"):
+        lora = read_lora(path, "k", shapes, MB)
+    assert {k.rpartition(".lora_")[0].rpartition(".")[2] for k in lora.tensors["text_encoder"]} == {"fc1"}
+    assert not any(
+        k.startswith(("x_embedder.", "context_embedder.", "time_text_embed."))
+        for k in lora.tensors["transformer"]
+    )
+    (record,) = [r for r in caplog.records if "leaves out" in r.getMessage()]
+    message = record.getMessage()
+    assert "'k'" in message and "text_encoder.text_model.encoder.layers.0.self_attn.to_q," in message
+    assert "x_embedder" in message and "time_text_embed.timestep_embedder.linear_1" in message
 
 
 def test_only_safetensors_suffix_is_read(tmp_path, shapes):

@@ -319,7 +319,7 @@ def test_cli_flags_reach_settings(monkeypatch):
 
 
 def test_warmup_sizes_and_batches_default_to_every_shape_when_compiled():
-    from octoflux.api.octoai.protocol import SUPPORTED_RESOLUTIONS
+    from octoflux.core.models import SUPPORTED_RESOLUTIONS
 
     compiled = Settings(optimize="compile", max_batch=3)
     assert compiled.warmup_size_list == list(SUPPORTED_RESOLUTIONS) and len(SUPPORTED_RESOLUTIONS) == 14

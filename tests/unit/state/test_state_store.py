@@ -471,6 +471,14 @@ def test_claimed_deliveries_are_leased_to_one_claimer(store):
     assert [d.id for d in again] == ["msg_0", "msg_1", "msg_2", "msg_3", "msg_4"]
 
 
+def test_a_claimed_delivery_is_the_stored_one_under_lease(store):
+    stored = delivery("msg_whole", next_attempt_at=10.0)
+    store.add_delivery(stored)
+    (claimed,) = store.claim_due_deliveries(now=10.0, lease_s=30, limit=10)
+    assert claimed == replace(stored, next_attempt_at=40.0)  # url and payload as sent, lease until 40
+    assert store.get_delivery("msg_whole") == claimed
+
+
 def test_concurrent_claims_never_hand_out_a_delivery_twice(open_store):
     stores = [open_store(), open_store()]
     ids = {f"msg_{n:02d}" for n in range(40)}
@@ -494,19 +502,32 @@ def test_concurrent_claims_never_hand_out_a_delivery_twice(open_store):
 # ---------------------------------------------------------------- result links
 
 
-def test_links_resolve_until_they_expire(store):
+def test_links_hold_their_image_until_they_expire(store):
     now = time.time()
-    store.put_link("tok-a", "j1", 2, expires_at=now + 60)
-    assert store.get_link("tok-a") == ("j1", 2)
+    image = bytes(range(256)) * 4  # binary, with NULs: stored as bytes, not text
+    store.put_link("tok-a", image, "image/png", expires_at=now + 60)
+    assert store.get_link("tok-a") == (image, "image/png")
     assert store.get_link("tok-a", now=now + 61) is None
     assert store.get_link("unknown") is None
-    store.put_link("tok-gone", "j1", 0, expires_at=now - 1)
+    store.put_link("tok-gone", b"x", "image/jpeg", expires_at=now - 1)
     assert store.get_link("tok-gone") is None
     # Long enough that the read right after the write comes before it on a slow machine.
-    store.put_link("tok-short", "j1", 0, expires_at=time.time() + 1.0)
-    assert store.get_link("tok-short") == ("j1", 0)
+    store.put_link("tok-short", b"jpeg", "image/jpeg", expires_at=time.time() + 1.0)
+    assert store.get_link("tok-short") == (b"jpeg", "image/jpeg")
     time.sleep(1.1)
     assert store.get_link("tok-short") is None
+
+
+def test_links_are_not_jobs(store):
+    """A link's image lives in its own table: no job record is made for it, none is listed or swept as one."""
+    store.put_link("tok-b", b"png", "image/png", expires_at=time.time() + 60)
+    assert store.get_job("tok-b") is None
+    assert store.sweep(0.0, now=time.time() + 1) == 0
+
+
+def test_a_job_keeps_its_result_url(store):
+    store.create_job(JobRecord("j-url", None, "r", time.time(), "rep", result_url="http://h/v1/responses/j-url/result"))
+    assert store.get_job("j-url").result_url == "http://h/v1/responses/j-url/result"
 
 
 # ---------------------------------------------------------------- bad URLs fail fast

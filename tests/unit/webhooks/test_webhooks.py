@@ -8,10 +8,12 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from helpers.engine_control import wait_until
+from helpers.services import free_port
 from helpers.webhook_receiver import Receiver, running_receiver, serve_in_thread, wait_final
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
@@ -19,15 +21,10 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from octoflux.settings import Settings
 from octoflux.state.records import Delivery
-from octoflux.webhooks.dispatcher import (
-    WEBHOOK_HEADER,
-    WebhookDispatcher,
-    WebhookUrlError,
-    check_webhook_url,
-    new_webhook_secret,
-    retry_delay,
-)
-from octoflux.webhooks.outbox import SqliteOutbox
+from octoflux.state.store import StateStore, open_state_store
+from octoflux.webhooks.dispatcher import WebhookDispatcher, retry_delay
+from octoflux.webhooks.signing import new_webhook_secret
+from octoflux.webhooks.urls import WEBHOOK_HEADER, WebhookUrlError, check_webhook_url
 
 SECRET = new_webhook_secret()
 RESPONSE_LIMIT = 64 * 1024
@@ -40,8 +37,22 @@ def receiver():
 
 
 @pytest.fixture
-def outbox(tmp_path) -> SqliteOutbox:
-    return SqliteOutbox(tmp_path / "outbox.sqlite")
+def open_outbox(tmp_path) -> Iterator[Callable[[Path], StateStore]]:
+    """Opens the SQLite state store at a path, as a process would; every store is closed afterwards."""
+    opened: list[StateStore] = []
+
+    def open_one(path: Path = tmp_path / "state.db") -> StateStore:
+        opened.append(open_state_store(f"sqlite:///{path}"))
+        return opened[-1]
+
+    yield open_one
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def outbox(open_outbox) -> StateStore:
+    return open_outbox()
 
 
 @pytest.fixture
@@ -180,9 +191,7 @@ def test_receiver_that_keeps_failing_is_given_up_after_the_retries(receiver, out
 
 
 def test_refused_connection_is_retried_then_failed(outbox, make_dispatcher):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     dispatcher = make_dispatcher(outbox, retries=1)
     delivery = enqueue(dispatcher, f"http://127.0.0.1:{port}/hook", "job-refused-conn")
     final = wait_final(outbox, delivery.id)
@@ -205,18 +214,21 @@ def test_retry_schedule_doubles_from_three_seconds():
     assert 2.4 <= min(jittered) < max(jittered) <= 3.6
 
 
-def test_delivery_survives_a_dispatcher_restart(receiver, tmp_path, make_dispatcher):
-    path = tmp_path / "durable.sqlite"
+def test_delivery_survives_a_dispatcher_restart(receiver, tmp_path, open_outbox, make_dispatcher):
+    path = tmp_path / "durable.db"
+    observer = open_outbox(path)
     # The retry is due 2 s after the first attempt: the time this test has to see that attempt and
     # stop the dispatcher, even on a slow machine.
-    first = make_dispatcher(SqliteOutbox(path), backoff_s=2.0)
+    first_store = open_outbox(path)
+    first = make_dispatcher(first_store, backoff_s=2.0)
     delivery = enqueue(first, f"{receiver.base}/hook/fail-once", "job-restart")
-    wait_until(lambda: SqliteOutbox(path).get_delivery(delivery.id).attempts > 0, what="the first attempt")
+    wait_until(lambda: observer.get_delivery(delivery.id).attempts > 0, what="the first attempt")
     first.stop()  # the process goes away after one failed attempt, before the retry
-    assert SqliteOutbox(path).get_delivery(delivery.id).status == "pending"
+    first_store.close()
+    assert observer.get_delivery(delivery.id).status == "pending"
     calls_before = len(receiver.bodies("fail-once"))
 
-    reopened = SqliteOutbox(path)
+    reopened = open_outbox(path)
     make_dispatcher(reopened)
     final = wait_final(reopened, delivery.id)
     assert final.status == "delivered" and final.attempts == 2
@@ -224,15 +236,20 @@ def test_delivery_survives_a_dispatcher_restart(receiver, tmp_path, make_dispatc
     assert [c["headers"]["webhook-id"] for c in resent] == [delivery.id]
 
 
-def test_undelivered_message_enqueued_before_a_crash_is_sent_by_the_next_process(receiver, tmp_path):
-    path = tmp_path / "crash.sqlite"
-    never_started = WebhookDispatcher(SqliteOutbox(path), SECRET, allow_private=True)
+def test_undelivered_message_enqueued_before_a_crash_is_sent_by_the_next_process(
+    receiver, tmp_path, open_outbox
+):
+    path = tmp_path / "crash.db"
+    crashed = open_outbox(path)
+    never_started = WebhookDispatcher(crashed, SECRET, allow_private=True)
     delivery = enqueue(never_started, f"{receiver.base}/hook/ok", "job-crash")
+    crashed.close()
 
-    successor = WebhookDispatcher(SqliteOutbox(path), SECRET, allow_private=True, poll_s=0.02)
+    next_process = open_outbox(path)
+    successor = WebhookDispatcher(next_process, SECRET, allow_private=True, poll_s=0.02)
     successor.start()
     try:
-        assert wait_final(SqliteOutbox(path), delivery.id).status == "delivered"
+        assert wait_final(next_process, delivery.id).status == "delivered"
     finally:
         successor.stop()
     assert any(c["headers"]["webhook-id"] == delivery.id for c in receiver.calls)
@@ -326,6 +343,45 @@ def test_private_targets_are_refused_without_the_flag(url):
         check_webhook_url(url, allow_private=False)
     assert WEBHOOK_HEADER in str(caught.value) and "--webhook-allow-private" in str(caught.value)
     assert check_webhook_url(url, allow_private=True) == url
+
+
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("http://[2002:7f00:1::]/hook", "a loopback address"),  # 6to4 form of 127.0.0.1
+        ("http://[2002:a9fe:a9fe::]/hook", "a cloud metadata address"),  # 6to4 form of 169.254.169.254
+        ("http://[2002:a00:7::]/hook", "a private address"),  # 6to4 form of 10.0.0.7
+        # Teredo: server 65.54.227.120, client (stored inverted) 127.0.0.1 and 169.254.169.254
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/hook", "a loopback address"),
+        ("http://[2001:0:4136:e378:8000:63bf:5601:5601]/hook", "a cloud metadata address"),
+    ],
+)
+def test_6to4_and_teredo_forms_are_refused_as_the_address_they_carry(url, reason):
+    with pytest.raises(WebhookUrlError) as caught:
+        check_webhook_url(url, allow_private=False)
+    message = str(caught.value)
+    assert message.startswith(f"{WEBHOOK_HEADER}: host ") and f", {reason}; " in message
+    assert "--webhook-allow-private" in message
+    assert check_webhook_url(url, allow_private=True) == url
+    public = "http://[2002:5db8:d822::]/hook"  # 6to4 form of 93.184.216.34: a public relay, accepted
+    assert check_webhook_url(public, allow_private=False) == public
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:hunter2@hooks.example/hook",
+        "https://tok_hunter2@hooks.example/hook",
+        "http://:hunter2@hooks.example/hook",
+        "http://user:hunter2@93.184.216.34/hook",
+    ],
+)
+def test_urls_with_credentials_are_refused_without_repeating_them(url):
+    with pytest.raises(WebhookUrlError) as caught:
+        check_webhook_url(url, allow_private=True, resolve=lambda host, port: ["93.184.216.34"])
+    message = str(caught.value)
+    assert message.startswith(f"{WEBHOOK_HEADER}:") and "credentials are not allowed" in message
+    assert "hunter2" not in message
 
 
 def test_host_with_any_private_record_is_refused():
@@ -433,10 +489,10 @@ def test_https_to_the_checked_address_keeps_sni_and_verifies_the_certificate(
         thread.join(5)
 
 
-# --- Settings and the outbox --------------------------------------------------------------------
+# --- Settings -----------------------------------------------------------------------------------
 
 
-def test_webhook_secret_must_be_in_the_standard_format():
+def test_webhook_secret_must_be_in_the_standard_format(outbox):
     secret = new_webhook_secret()
     assert Settings(webhook_secret=secret).webhook_secret == secret
     assert Settings().webhook_secret == "" and Settings().webhook_retries == 5
@@ -449,19 +505,4 @@ def test_webhook_secret_must_be_in_the_standard_format():
             Settings(webhook_secret=bad)
     assert secret not in repr(Settings(webhook_secret=secret))
     with pytest.raises(ValueError, match="--webhook-secret"):
-        WebhookDispatcher(SqliteOutbox(":memory:"), "")
-
-
-def test_outbox_claims_lease_and_deduplicates(outbox):
-    delivery = Delivery("msg_1", "job", "https://x.example/h", b"{}", created_at=1.0, next_attempt_at=10.0)
-    outbox.add_delivery(delivery)
-    outbox.add_delivery(Delivery("msg_1", "job", "https://other", b"[]", created_at=2.0))  # same message
-    assert outbox.claim_due_deliveries(now=5.0, lease_s=30, limit=10) == []  # not due yet
-    (claimed,) = outbox.claim_due_deliveries(now=10.0, lease_s=30, limit=10)
-    assert claimed.url == "https://x.example/h" and claimed.payload == b"{}"
-    assert outbox.claim_due_deliveries(now=11.0, lease_s=30, limit=10) == []  # leased
-    assert outbox.get_delivery("msg_1").next_attempt_at == 40.0
-    (reclaimed,) = outbox.claim_due_deliveries(now=41.0, lease_s=30, limit=10)  # the claimer died
-    outbox.update_delivery("msg_1", attempts=1, next_attempt_at=41.0, status="delivered", last_error=None)
-    assert outbox.claim_due_deliveries(now=100.0, lease_s=30, limit=10) == []
-    assert outbox.get_delivery("msg_1").status == "delivered" and outbox.get_delivery("nope") is None
+        WebhookDispatcher(outbox, "")

@@ -1,4 +1,5 @@
-"""Admission control, deadlines and cancellation: the worker never wastes steps on a job nobody wants."""
+"""Admission control, deadlines and cancellation over HTTP: a bounded FIFO queue that answers 429 with
+Retry-After when full, and a worker that never wastes steps on a job nobody wants."""
 
 from __future__ import annotations
 
@@ -8,19 +9,11 @@ import time
 
 import httpx
 import pytest
-from conftest import STEPS
 from helpers.engine_control import WAIT, open_raw_request, wait_until
+from helpers.requests import URL_PATH, body
+from octoai.core.api_error import ApiError
 
 from octoflux.core import queue as jobs
-from octoflux.core.queue import JobQueue, QueueFull
-from octoflux.pipelines.engine import GenerationSpec
-
-URL_PATH = "/generate/flux-dev"
-
-
-def body(prompt: str, **extra) -> dict:
-    return {"prompt": prompt, "width": 512, "height": 512, "steps": STEPS, "seed": 5, **extra}
-
 
 pytestmark = pytest.mark.usefixtures("controlled")
 
@@ -50,35 +43,24 @@ def test_queue_full_returns_429_with_retry_after(server, control):
     gate = control.hold("running")
     results: dict = {}
     running = post_in_thread(server.url, body("running"), results, "running")
-    control.reached["running"].wait(WAIT)
+    assert control.reached["running"].wait(WAIT)
     queued = post_in_thread(server.url, body("queued"), results, "queued")
     wait_until(lambda: server.service.jobs.depth == 1, what="a queued job")
-
-    rejected = httpx.post(f"{server.url}{URL_PATH}", json=body("rejected"), timeout=WAIT)
-    assert rejected.status_code == 429
-    assert int(rejected.headers["Retry-After"]) >= 1
-    assert "busy" in rejected.json()["detail"]
-    gate.set()
+    try:
+        rejected = httpx.post(f"{server.url}{URL_PATH}", json=body("rejected"), timeout=WAIT)
+        assert rejected.status_code == 429
+        assert int(rejected.headers["Retry-After"]) >= 1
+        assert "busy" in rejected.json()["detail"]
+        with pytest.raises(ApiError) as caught:
+            server.client().image_gen.generate_flux_dev(**body("via the sdk"))
+        assert caught.value.status_code == 429
+    finally:
+        gate.set()
     running.join(WAIT)
     queued.join(WAIT)
     assert results["running"].status_code == results["queued"].status_code == 200
-    assert httpx.post(f"{server.url}{URL_PATH}", json=body("after")).status_code == 200
-
-
-def spec(steps: int, images: int = 1) -> GenerationSpec:
-    return GenerationSpec(prompt="x", width=512, height=512, steps=steps, guidance=3.5, seeds=[1] * images)
-
-
-def test_retry_after_follows_measured_throughput():
-    queue = JobQueue(max_queue=1)
-    queue.observe(spec(steps=10), seconds=20.0)  # 8 s per unit of work
-    queue.submit(spec(steps=10))
-    with pytest.raises(QueueFull) as full:
-        queue.submit(spec(steps=10))
-    assert full.value.retry_after == 20
-    queue.observe(spec(steps=10), seconds=2.0)
-    assert queue.retry_after_seconds() < 20
-    assert JobQueue(max_queue=1).retry_after_seconds() == 1
+    assert control.ran == ["running", "queued"]  # FIFO; rejected requests never reached the engine
+    assert httpx.post(f"{server.url}{URL_PATH}", json=body("after"), timeout=WAIT).status_code == 200
 
 
 def test_sync_timeout_interrupts_the_running_job_at_the_next_step(impatient_server, control):
@@ -137,3 +119,24 @@ def test_client_disconnect_drops_its_queued_job(server, control):
     running.join(WAIT)
     assert results["running"].status_code == 200
     assert "impatient" not in control.ran
+
+
+def test_client_that_disconnects_while_queued_gets_its_job_dropped(server, control):
+    queue = server.service.jobs
+    release = control.hold("running")
+    results: dict = {}
+    running = post_in_thread(server.url, body("running"), results, "running")
+    assert control.reached["running"].wait(WAIT)
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # gives up while queued behind "running"
+            httpx.post(f"{server.url}{URL_PATH}", json=body("abandoned"), timeout=1.0)
+        # The server notices the disconnect and takes the job out of the queue while "running" still runs.
+        wait_until(lambda: queue.depth == 0, what="the abandoned job to leave the queue")
+        assert queue.running is not None and queue.running.spec.prompt == "running"
+    finally:
+        release.set()
+    running.join(WAIT)
+    assert results["running"].status_code == 200
+    assert httpx.post(f"{server.url}{URL_PATH}", json=body("after"), timeout=WAIT).status_code == 200
+    assert control.ran == ["running", "after"]  # the abandoned job never ran
+    assert queue.depth == 0
