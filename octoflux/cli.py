@@ -1,4 +1,5 @@
-"""`octoflux serve` and `octoflux make-tiny DIR`.
+"""`octoflux serve`, `octoflux make-tiny DIR`, `octoflux export-transformer DIR FILE` and
+`octoflux export-text-encoder DIR FILE`.
 
 `serve`'s flags are derived from `octoflux.settings.Settings` by pydantic-settings' CLI source: a
 field with a description is a flag, in the `--help` group its `json_schema_extra` names.
@@ -85,6 +86,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, CliSettingsSource[Settings]
     sub = parser.add_subparsers(dest="command", required=True)
     source = _serve_parser(sub)
     _make_tiny_parser(sub)
+    _export_parser(sub)
+    _export_text_encoder_parser(sub)
     return parser, source
 
 
@@ -108,6 +111,7 @@ def preflight(settings: Settings) -> None:
     from octoflux.pipelines.loader import (
         ModelLoadError,
         check_model_source,
+        check_transformer_base,
         model_source,
         resolve_device,
         resolve_dtype,
@@ -119,7 +123,25 @@ def preflight(settings: Settings) -> None:
         dtype = resolve_dtype(settings.dtype, device)
         source = model_source(settings.model, settings.tiny_dir)
         check_model_source(source)
-        need = check_model_fits(source, device, dtype, quantize=settings.quantize, offload=settings.offload)
+        if settings.transformer:
+            from octoflux.pipelines.single_file import check_transformer_file
+
+            check_transformer_base(source)
+            check_transformer_file(settings.transformer, source, settings.optimize, settings.quantize)
+        if settings.text_encoder_2:
+            from octoflux.pipelines.text_encoder_file import FLAG, check_text_encoder_file
+
+            check_transformer_base(source, FLAG)
+            check_text_encoder_file(settings.text_encoder_2, source, settings.quantize)
+        need = check_model_fits(
+            source,
+            device,
+            dtype,
+            quantize=settings.quantize,
+            offload=settings.offload,
+            transformer_file=settings.transformer,
+            text_encoder_file=settings.text_encoder_2,
+        )
     except (ModelLoadError, WillNotFit) as exc:
         print(f"octoflux: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -228,6 +250,60 @@ def _make_tiny_parser(sub) -> None:
     )
 
 
+def _export_parser(sub) -> None:
+    from octoflux.pipelines.export import FORMATS, LAYOUTS
+
+    export = sub.add_parser(
+        "export-transformer",
+        help="write a diffusers folder's transformer as one GGUF, fp8 or bf16 file (for --transformer)",
+    )
+    export.add_argument("folder", type=Path, help="a diffusers-format FLUX folder")
+    export.add_argument("file", type=Path, help="the file to write (.gguf or .safetensors)")
+    export.add_argument("--format", choices=FORMATS, default="gguf:Q8_0", help="default: gguf:Q8_0")
+    export.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="bfl",
+        help="tensor names: BFL's (default), ComfyUI's or diffusers'",
+    )
+
+
+def _export_text_encoder_parser(sub) -> None:
+    from octoflux.pipelines.export import FORMATS
+
+    export = sub.add_parser(
+        "export-text-encoder",
+        help="write a diffusers folder's T5 encoder as one GGUF, fp8 or bf16 file (for --text-encoder-2)",
+    )
+    export.add_argument("folder", type=Path, help="a diffusers-format FLUX folder")
+    export.add_argument("file", type=Path, help="the file to write (.gguf or .safetensors)")
+    export.add_argument("--format", choices=FORMATS, default="fp8", help="default: fp8")
+
+
+def export_text_encoder(folder: Path, file: Path, file_format: str) -> None:
+    from octoflux.pipelines.export import ExportError
+    from octoflux.pipelines.export import export_text_encoder as export
+
+    try:
+        path = export(folder, file, file_format)
+    except ExportError as exc:
+        print(f"octoflux: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {folder}'s T5 encoder as {file_format} to {path}")
+
+
+def export_transformer(folder: Path, file: Path, file_format: str, layout: str) -> None:
+    from octoflux.pipelines.export import ExportError
+    from octoflux.pipelines.export import export_transformer as export
+
+    try:
+        path = export(folder, file, file_format, layout)
+    except ExportError as exc:
+        print(f"octoflux: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {folder}'s transformer as {file_format} ({layout} layout) to {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser, source = build_parser()
     args = parser.parse_args(argv)
@@ -237,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
         except ValidationError as exc:  # argparse's usage line and exit code 2, not a traceback
             source.root_parser.error("; ".join(_flag_error(error) for error in exc.errors()))
         serve(settings)
+    elif args.command == "export-transformer":
+        export_transformer(args.folder, args.file, args.format, args.layout)
+    elif args.command == "export-text-encoder":
+        export_text_encoder(args.folder, args.file, args.format)
     else:
         make_tiny(args.dir, args.variant, args.concept_threshold)
 

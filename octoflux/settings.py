@@ -87,6 +87,18 @@ class Settings(BaseSettings):
         "weights), a diffusers-format folder, a hub id in the local HF cache, or a .safetensors file",
         json_schema_extra=group("model"),
     )
+    transformer: str = Field(
+        "",
+        description="a transformer file served in place of --model's: GGUF (Q8_0, Q4_K, ...), fp8 or bf16 "
+        ".safetensors, in BFL, ComfyUI or diffusers keys; --model (a folder or hub id) gives the rest",
+        json_schema_extra=group("model"),
+    )
+    text_encoder_2: str = Field(
+        "",
+        description="a T5 encoder file served in place of --model's: .safetensors (bf16, fp16 or fp8 e4m3fn) "
+        "in transformers' keys, or GGUF (t5encoder); --model gives its config and tokenizer",
+        json_schema_extra=group("model"),
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="where the model runs; auto: CUDA if present", json_schema_extra=group("model")
     )
@@ -175,9 +187,10 @@ class Settings(BaseSettings):
         description="First Block Cache threshold for --optimize cache",
         json_schema_extra=group("speed"),
     )
-    offload: Literal["none", "model", "sequential"] = Field(
+    offload: Literal["none", "model", "sequential", "group"] = Field(
         "none",
-        description="keep weights on the CPU: per model (model) or per layer (sequential)",
+        description="keep weights on the CPU: per model (model), per layer (sequential), or per block "
+        "with the next block prefetched on a CUDA stream (group)",
         json_schema_extra=group("speed"),
     )
     quantize: Literal["none", "fp8", "int8", "nf4"] = Field(

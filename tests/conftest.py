@@ -26,6 +26,16 @@ from octoflux.settings import Settings  # noqa: E402
 pytest_plugins = ["helpers.services"]
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n 2 --dist loadfile`: whole modules per worker, the slowest first (helpers/scheduling.py)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from helpers.scheduling import SlowestModulesFirst
+
+    return SlowestModulesFirst(config, log)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     """The tiny random-weight FLUX written in diffusers format, loaded like real weights."""

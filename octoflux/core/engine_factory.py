@@ -24,7 +24,16 @@ def build_engine(settings: Settings, library: LoraLibrary | None = None) -> Engi
     dtype = resolve_dtype(settings.dtype, device)
     source = model_source(settings.model, settings.tiny_dir)
     log.info("loading %s on %s as %s", source, device, dtype)
-    pipe = load_flux_pipeline(source, device, dtype, offload=settings.offload, quantize=settings.quantize)
+    pipe = load_flux_pipeline(
+        source,
+        device,
+        dtype,
+        offload=settings.offload,
+        quantize=settings.quantize,
+        transformer_file=settings.transformer,
+        optimize=settings.optimize,
+        text_encoder_file=settings.text_encoder_2,
+    )
     # Before the optimizations: a compiled transformer gets its hot-swap LoRA slots before compiling.
     loras = LoraCache(
         pipe,

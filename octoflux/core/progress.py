@@ -243,29 +243,30 @@ class _JobFeed:
 class JobEventHub:
     """The event feeds of one state store's watched jobs in this process: one reader per job."""
 
-    def __init__(self, poll_s: float = POLL_S):
+    def __init__(self, store: StateStore, poll_s: float = POLL_S):
+        self.store = store
         self.poll_s = poll_s
         self._feeds: dict[str, _JobFeed] = {}
 
     @classmethod
     def of(cls, store: StateStore) -> JobEventHub:
         """The store's hub on the running event loop, made on first use."""
-        loop = asyncio.get_running_loop()
-        hubs = _HUBS.setdefault(loop, weakref.WeakKeyDictionary())
-        return hubs.setdefault(store, cls())
+        hubs = _HUBS.setdefault(asyncio.get_running_loop(), weakref.WeakKeyDictionary())
+        hub = hubs.get(store)
+        if hub is None:
+            hub = hubs[store] = cls(store)
+        return hub
 
     @property
     def watched_jobs(self) -> list[str]:
         return list(self._feeds)
 
     @contextlib.contextmanager
-    def subscribe(
-        self, store: StateStore, job_id: str, after: int = 0
-    ) -> Iterator[asyncio.Queue[_Logged | _End]]:
+    def subscribe(self, job_id: str, after: int = 0) -> Iterator[asyncio.Queue[_Logged | _End]]:
         """A queue of the job's reads after sequence number `after`, then its end, until the context ends."""
         feed = self._feeds.get(job_id)
         if feed is None:
-            feed = self._feeds[job_id] = _JobFeed(store, job_id, self.poll_s, self._ended)
+            feed = self._feeds[job_id] = _JobFeed(self.store, job_id, self.poll_s, self._ended)
         queue = feed.join(after)
         try:
             yield queue
@@ -277,11 +278,9 @@ class JobEventHub:
             del self._feeds[feed.job_id]
 
 
-# Per event loop (a feed's task and queues belong to one), then per store; both go with their owner.
-_HUBS: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[StateStore, JobEventHub]
-]
-_HUBS = weakref.WeakKeyDictionary()
+# Hubs by event loop (a feed's task and queues belong to one), then by store. A hub holds its store:
+# both go when the loop does.
+_HUBS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 async def watch_job(
@@ -301,7 +300,7 @@ async def watch_job(
     if record.status in FINAL:
         yield [(None, final(record))]
         return
-    with JobEventHub.of(store).subscribe(store, record.id, after) as queue:
+    with JobEventHub.of(store).subscribe(record.id, after) as queue:
         while True:
             reads = [await queue.get()]
             while not queue.empty():  # a watcher that fell behind catches up in one batch

@@ -130,3 +130,58 @@ def reset_step_cache(transformer) -> None:
 def execution_device(pipe) -> torch.device:
     """The device a pipeline runs its models on, offloading included (a private property)."""
     return pipe._execution_device
+
+
+# ------------------------------------------------------------------ single-file transformers
+
+FLUX1_WIDTH = 3072  # the width diffusers' BFL converter assumes for every FLUX.1 transformer
+
+
+def flux_transformer_to_diffusers(checkpoint: dict, config: dict) -> dict:
+    """diffusers' BFL/ComfyUI-to-diffusers converter for a FLUX.1 transformer state dict.
+
+    The converter hard-codes FLUX.1's width (`inner_dim = 3072`) where it splits
+    `single_blocks.N.linear1` into q, k, v and the MLP. A file of another width (the tiny model) has
+    those tensors handed to it as meta placeholders of FLUX.1's size and split here by the width read
+    from the file; FLUX.1-wide files go through the converter untouched.
+    """
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    checkpoint = {key.removeprefix("model.diffusion_model."): value for key, value in checkpoint.items()}
+    width = checkpoint["img_in.weight"].shape[0]
+    if width == FLUX1_WIDTH:
+        return convert_flux_transformer_checkpoint_to_diffusers(checkpoint, config=config)
+    linear1 = {
+        key: checkpoint[key] for key in checkpoint if key.startswith("single_blocks.") and ".linear1." in key
+    }
+    for key, tensor in linear1.items():
+        rows = 3 * FLUX1_WIDTH + 4 * FLUX1_WIDTH
+        checkpoint[key] = torch.empty((rows, *tensor.shape[1:]), device="meta")
+    converted = convert_flux_transformer_checkpoint_to_diffusers(checkpoint, config=config)
+    for key, tensor in linear1.items():
+        _, block, _, kind = key.split(".")
+        parts = torch.split(tensor, (width, width, width, tensor.shape[0] - 3 * width), dim=0)
+        for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts, strict=True):
+            converted[f"single_transformer_blocks.{block}.{name}.{kind}"] = part
+    return converted
+
+
+def gguf_parameter(data: torch.Tensor, quant_type) -> torch.Tensor:
+    """A GGUF tensor as diffusers' GGUF quantizer expects it: raw bytes tagged with their quant type
+    (diffusers' internal `GGUFParameter`); F32 and F16 tensors stay plain, as diffusers' reader
+    leaves them."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter
+
+    if quant_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return data
+    if quant_type not in SUPPORTED_GGUF_QUANT_TYPES:
+        raise ValueError(f"GGUF type {quant_type.name} is not one diffusers can dequantize")
+    return GGUFParameter(data, quant_type=quant_type)
+
+
+def gguf_supported_type_names() -> list[str]:
+    """The GGUF quant types diffusers dequantizes (its internal table), plus plain F32/F16."""
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    return ["F32", "F16", *(kind.name for kind in SUPPORTED_GGUF_QUANT_TYPES)]

@@ -105,9 +105,10 @@ class Engine:
         from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
 
         self.pipe = pipe
-        # Views over the same modules: no weight is copied.
-        self.img2img = FluxImg2ImgPipeline.from_pipe(pipe)
-        self.inpaint = FluxInpaintPipeline.from_pipe(pipe)
+        # Views over the same modules: no weight is copied. Not `from_pipe`: it casts every shared module
+        # to its `dtype` argument (float32 unless told) and refuses quantized (GGUF) transformers.
+        self.img2img = FluxImg2ImgPipeline(**pipe.components)
+        self.inpaint = FluxInpaintPipeline(**pipe.components)
         for view in (self.img2img, self.inpaint):
             view.set_progress_bar_config(disable=True)
         self.max_batch = max(1, max_batch)

@@ -119,39 +119,111 @@ def _check_hub_cache(repo_id: str) -> None:
         )
 
 
+def check_transformer_base(source: str, flag: str = "--transformer") -> None:
+    """`--transformer FILE` (or `--text-encoder-2 FILE`) takes everything else from a diffusers folder or
+    hub id."""
+    if source == RANDOM_FULL or Path(source).is_file():
+        raise ModelLoadError(
+            f"{flag} needs --model to be a diffusers-format folder or hub id, not {source!r}"
+        )
+
+
 def load_flux_pipeline(
-    source: str, device: torch.device, dtype: torch.dtype, offload: str = "none", quantize: str = "none"
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload: str = "none",
+    quantize: str = "none",
+    transformer_file: str = "",
+    optimize: str = "none",
+    text_encoder_file: str = "",
 ):
     """Load a FluxPipeline from random-full, a diffusers folder, a single-file checkpoint, or a hub id.
 
     With `offload` the pipeline stays on the CPU: octoflux.pipelines.optimize installs the offload hooks.
     `quantize` quantizes the transformer and T5 weights while loading (see octoflux.pipelines.optimize).
+    `transformer_file` (GGUF, fp8 or bf16; octoflux.pipelines.single_file) replaces the base's transformer,
+    `text_encoder_file` (octoflux.pipelines.text_encoder_file) its T5 encoder.
     """
     from diffusers import FluxPipeline
 
     from octoflux.pipelines.optimize import loading_quantization_config
 
+    _progress_as_log_lines()
+    if transformer_file or text_encoder_file:
+        files = _load_files(source, transformer_file, text_encoder_file, dtype, optimize, quantize)
+        return _from_pretrained(source, device, dtype, offload, **files)
     if source == RANDOM_FULL:
         return _random_full(device if offload == "none" else torch.device("cpu"), dtype, quantize)
     path = Path(source)
-    try:
-        if path.is_file():
-            if quantize != "none":
-                raise ModelLoadError(
-                    "--quantize needs a diffusers-format folder or hub id, not a single file"
-                )
+    if path.is_file():
+        if quantize != "none":
+            raise ModelLoadError("--quantize needs a diffusers-format folder or hub id, not a single file")
+        try:
             pipe = FluxPipeline.from_single_file(str(path), torch_dtype=dtype)
-        elif path.is_dir() or "/" in source:
-            quantization = loading_quantization_config(quantize, dtype)
-            pipe = FluxPipeline.from_pretrained(source, dtype=dtype, quantization_config=quantization)
-        else:
-            raise ModelLoadError(
-                f"--model {source!r} is neither 'tiny', 'random-full', a folder, a file nor a hub id"
-            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load FLUX from {source!r}: {exc}") from exc
+        pipe.set_progress_bar_config(disable=True)
+        return pipe if offload != "none" else pipe.to(device)
+    if not (path.is_dir() or "/" in source):
+        raise ModelLoadError(
+            f"--model {source!r} is neither 'tiny', 'random-full', a folder, a file nor a hub id"
+        )
+    quantization = loading_quantization_config(quantize, dtype)
+    return _from_pretrained(source, device, dtype, offload, quantization_config=quantization)
+
+
+def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, offload: str, **given):
+    """FluxPipeline.from_pretrained, logging each component it loads (components in `given` are not read)."""
+    from diffusers import FluxPipeline
+
+    from octoflux.pipelines.load_progress import ComponentProgress
+
+    try:
+        with ComponentProgress(source):
+            pipe = FluxPipeline.from_pretrained(source, dtype=dtype, **given)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load FLUX from {source!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe if offload != "none" else pipe.to(device)
+
+
+def _progress_as_log_lines() -> None:
+    """diffusers' and transformers' loading bars off: progress is logged as lines (load_progress.py)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_files(
+    source: str,
+    transformer_file: str,
+    text_encoder_file: str,
+    dtype: torch.dtype,
+    optimize: str,
+    quantize: str,
+) -> dict:
+    """The components given as files, checked and loaded, by their pipeline names."""
+    loaded = {}
+    if transformer_file:
+        from octoflux.pipelines.single_file import check_transformer_file, load_transformer_file
+
+        check_transformer_base(source)
+        found = check_transformer_file(transformer_file, source, optimize=optimize, quantize=quantize)
+        loaded["transformer"] = load_transformer_file(found, source, dtype)
+    if text_encoder_file:
+        from octoflux.pipelines.text_encoder_file import (
+            FLAG,
+            check_text_encoder_file,
+            load_text_encoder_file,
+        )
+
+        check_transformer_base(source, FLAG)
+        found_t5 = check_text_encoder_file(text_encoder_file, source, quantize=quantize)
+        loaded["text_encoder_2"] = load_text_encoder_file(found_t5, source, dtype)
+    return loaded
 
 
 def _random_full(device: torch.device, dtype: torch.dtype, quantize: str):

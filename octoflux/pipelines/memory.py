@@ -24,10 +24,12 @@ SAFETENSORS_DTYPE_BYTES = {
     "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# GGUF tensors diffusers loads as plain tensors in the load dtype; every other GGUF type stays as stored.
+GGUF_PLAIN_KINDS = {"F32", "F16"}
 # Activations, the VAE decode at 1024x1024 and allocator slack: a share of the weights plus a floor.
 MARGIN_SHARE = 0.15
 MARGIN_FLOOR = 256 * 2**20
-# Sequential offload holds about one block at a time on the GPU.
+# Sequential and group offload hold about one block (group: two, the next prefetched) at a time on the GPU.
 SEQUENTIAL_DEVICE_BYTES = 2 * GIB
 
 
@@ -78,7 +80,7 @@ def _count_file(weights: Weights, component: str, path: Path) -> None:
     weights.add(component, floats, other)
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     """A component's .safetensors files; of a plain and a variant copy (`x.fp16.safetensors`), the plain."""
     files = sorted(folder.glob("*.safetensors"))
     plain = [f for f in files if f.name.count(".") == 1]
@@ -89,7 +91,7 @@ def count_folder(folder: Path) -> Weights | None:
     """Weights of a diffusers-format folder from its headers; None when a component has no safetensors."""
     weights = Weights()
     for component in COMPONENTS:
-        files = _weight_files(folder / component)
+        files = weight_files(folder / component)
         if not files:
             return None
         for path in files:
@@ -107,10 +109,51 @@ def count_random_full() -> Weights:
     return weights
 
 
-def count_weights(source: str) -> Weights | None:
-    """Weights of what `load_flux_pipeline(source)` would load, or None where headers are not at hand."""
+def count_transformer_file(weights: Weights, path: str) -> None:
+    """A `--transformer` file as loaded: GGUF quantized tensors and fp8 weights keep their stored bytes
+    (dequantized or upcast per layer); float tensors are cast to the load dtype."""
+    from octoflux.pipelines.transformer_file import inspect_transformer_file
+
+    found = inspect_transformer_file(path)
+    cast = GGUF_PLAIN_KINDS if found.format == "gguf" else FLOAT_DTYPES
+    for tensor in found.tensors.values():
+        if tensor.kind in cast:
+            weights.add("transformer", tensor.elements)
+        elif found.format == "gguf":
+            weights.add("transformer", 0, tensor.nbytes)
+        else:  # fp8 stays fp8 (octoflux.pipelines.single_file)
+            weights.add("transformer", 0, tensor.elements * SAFETENSORS_DTYPE_BYTES.get(tensor.kind, 4))
+
+
+def count_text_encoder_file(weights: Weights, path: str, base: str) -> None:
+    """A `--text-encoder-2` file as loaded: fp8 weights kept fp8 at 1 byte (octoflux.pipelines.
+    text_encoder_file); everything else, GGUF included (dequantized as read), in the load dtype."""
+    from octoflux.pipelines.text_encoder_file import T5_COMPONENT, check_text_encoder_file, kept_in_fp8
+
+    found = check_text_encoder_file(path, base)
+    for name, tensor in found.tensors.items():
+        if kept_in_fp8(name, tensor):
+            weights.add(T5_COMPONENT, 0, tensor.elements)
+        else:
+            weights.add(T5_COMPONENT, tensor.elements)
+
+
+def count_weights(source: str, transformer_file: str = "", text_encoder_file: str = "") -> Weights | None:
+    """Weights of what `load_flux_pipeline(source, transformer_file=..., text_encoder_file=...)` would
+    load, or None where headers are not at hand."""
     from octoflux.pipelines.loader import RANDOM_FULL
 
+    if transformer_file or text_encoder_file:
+        replaced = {"transformer"} if transformer_file else set()
+        replaced |= {"text_encoder_2"} if text_encoder_file else set()
+        base = _base_weights(source, replaced)
+        if base is None:
+            return None
+        if transformer_file:
+            count_transformer_file(base, transformer_file)
+        if text_encoder_file:
+            count_text_encoder_file(base, text_encoder_file, source)
+        return base
     if source == RANDOM_FULL:
         return count_random_full()
     path = Path(source).expanduser()
@@ -122,6 +165,28 @@ def count_weights(source: str) -> Weights | None:
     if path.is_dir():
         return count_folder(path)
     return _hub_folder_weights(source)
+
+
+def _base_weights(source: str, replaced: set[str]) -> Weights | None:
+    """Every component of a base folder (or cached hub id) but those files replace."""
+    from huggingface_hub import try_to_load_from_cache
+
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        index = try_to_load_from_cache(source, "model_index.json")
+        if not isinstance(index, str):
+            return None
+        folder = Path(index).parent
+    weights = Weights()
+    for component in COMPONENTS:
+        if component in replaced:
+            continue
+        files = weight_files(folder / component)
+        if not files:
+            return None
+        for path in files:
+            _count_file(weights, component, path)
+    return weights
 
 
 def _hub_folder_weights(repo_id: str) -> Weights | None:
@@ -146,6 +211,7 @@ def estimate(
     if offload == "none":
         return MemoryEstimate(components, device_bytes=total + margin, host_bytes=0)
     on_device = max(components.values()) if offload == "model" else min(total, SEQUENTIAL_DEVICE_BYTES)
+    # group and sequential: a few blocks on the device
     return MemoryEstimate(components, device_bytes=on_device + margin, host_bytes=total)
 
 
@@ -212,9 +278,9 @@ def _ways_out(device: torch.device, dtype: torch.dtype, quantize: str, offload: 
         ways.append("a GPU (--device cuda)")
     else:
         if offload == "none":
-            ways.append("--offload model (or sequential)")
+            ways.append("--offload model (or group, sequential)")
         elif offload == "model":
-            ways.append("--offload sequential")
+            ways.append("--offload group (or sequential)")
     if quantize == "none":
         ways.append("--quantize fp8 or int8 (about half the transformer and T5), nf4 (about a quarter)")
     return "; ".join(ways) or "a machine with more memory"
@@ -228,9 +294,11 @@ def check_model_fits(
     offload: str = "none",
     device_free: int | None = None,
     host_free: int | None = None,
+    transformer_file: str = "",
+    text_encoder_file: str = "",
 ) -> MemoryEstimate | None:
     """Estimate what loading `source` needs and raise WillNotFit if it cannot fit; None if not estimable."""
-    weights = count_weights(source)
+    weights = count_weights(source, transformer_file, text_encoder_file)
     if weights is None:
         return None
     # On a CPU offloading moves nothing: every weight is in RAM either way.
@@ -239,3 +307,21 @@ def check_model_fits(
         quantize = "random"  # not a way out: random-full is built whole before it is quantized
     check_fits(need, device, dtype, quantize, offload, device_free=device_free, host_free=host_free)
     return need
+
+
+def count_flux_dev_with_file(file_format: str) -> Weights:
+    """FLUX.1-dev's real shapes (meta device) with its transformer stored as `file_format` would store it
+    (octoflux.pipelines.export's rule): what `--transformer` of that type loads beside a bf16 base."""
+    from octoflux.pipelines.export import stored_bytes, stored_kind
+    from octoflux.pipelines.random_full import build_components
+
+    weights = Weights()
+    for name, model in build_components("meta", torch.float32).items():
+        for parameter in model.parameters():
+            shape = tuple(parameter.shape)
+            kind = stored_kind(shape, file_format) if name == "transformer" else "F32"
+            if kind in GGUF_PLAIN_KINDS or (kind == "BF16" and not file_format.startswith("gguf:")):
+                weights.add(name, parameter.numel())
+            else:
+                weights.add(name, 0, stored_bytes(shape, kind))
+    return weights

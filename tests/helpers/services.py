@@ -1,6 +1,6 @@
-"""System services some tests need (a real redis-server), started on a free loopback port.
+"""System services some tests need (a real redis-server), started on a free loopback port; `free_port`.
 
-Use as a pytest plugin (`pytest_plugins = ["services"]` in a test module). Where a service's
+A pytest plugin (tests/conftest.py loads it: `pytest_plugins = ["helpers.services"]`). Where a service's
 program is missing, its tests skip with the reason printed at the end of the run; with CI=true
 in the environment such a skip is a failure instead, so CI cannot pass without the service.
 """
@@ -23,6 +23,7 @@ _missing: dict[str, str] = {}  # service -> why its tests did not run
 
 
 def free_port() -> int:
+    """A loopback port nobody listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

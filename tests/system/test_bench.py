@@ -97,6 +97,8 @@ def test_warmup_harness_reports_compiles_time_to_ready_and_first_vs_second(
 
     real = optimize.compile_transformer
     monkeypatch.setattr(optimize, "compile_transformer", lambda t, **kw: real(t, backend="eager", **kw))
+    # The harness points TORCHINDUCTOR_CACHE_DIR at a cold folder it then deletes: undone after the test.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     results = main(
         ["--weights", tiny_checkpoint, "--device", "cpu", "--options", "static-lazy,dynamic",
          "--sizes", "256x256,320x192", "--max-batch", "2", "--steps", "1", "--step-runs", "1",

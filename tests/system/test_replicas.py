@@ -1,7 +1,8 @@
 """`--replicas N`: the app on Ray Serve with CPU replicas of the tiny model, over Ray's real HTTP proxy.
 
-One Ray instance for the module (`ray.init(num_cpus=2)`), its proxy on a loopback port; each
-deployment is the real `octoflux.deploy.replicas` application.
+One Ray instance for the module (`ray.init(num_cpus=2)`), its proxy on a loopback port, and one
+deployment of the real `octoflux.deploy.replicas` application that every test shares; it is
+replaced only where a test needs other settings or a full restart.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import STEPS, b64_to_image, free_port, pixels
+from conftest import b64_to_image, pixels
+from helpers.engine_control import wait_until
+from helpers.requests import ASYNC, body
+from helpers.services import free_port
 
 from octoflux.pipelines.tiny_lora import make_lora, save_diffusers
 from octoflux.settings import Settings
@@ -30,24 +33,39 @@ pytest.importorskip("ray.serve")
 REPO = Path(__file__).resolve().parents[2]
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-ASYNC = {**AUTH, "X-OctoAI-Async": "1"}
+ASYNC_AUTH = {**AUTH, **ASYNC}
+POLL_S = 0.2  # between polls through the proxy: often enough, without loading Ray's proxy
+FOX = "a red fox"
 LORA_DATA = {"asset_type": "lora", "engine": "image/flux-dev", "file_format": "safetensors"}
 # The most steps at 1024x1024: a job still running when the test acts on it (it never finishes).
 LONG = {"steps": 200, "width": 1024, "height": 1024, "num_images": 2}
 
 
-def body(prompt: str = "a red fox", **extra) -> dict:
-    return {"prompt": prompt, "width": 512, "height": 512, "steps": STEPS, "seed": 5, **extra}
+class Deployment:
+    """The module's one application on Ray Serve, deployed again only when other settings are asked for."""
 
+    def __init__(self) -> None:
+        self.settings: Settings | None = None
 
-def wait_until(predicate, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    def ensure(self, settings: Settings) -> str:
+        """The URL of a deployment of `settings`: the running one, or a new one in its place."""
+        from octoflux.deploy import replicas
+
+        if self.settings != settings:
+            self.remove()
+            replicas.start(settings)
+            self.settings = settings
+        return f"http://127.0.0.1:{settings.port}"
+
+    def remove(self) -> None:
+        """Drain and remove every replica (a full restart, once `ensure` deploys again)."""
+        from ray import serve
+
+        from octoflux.deploy import replicas
+
+        if self.settings is not None:
+            self.settings = None
+            serve.delete(replicas.APP_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +81,11 @@ def proxy_port() -> Iterator[int]:
     replicas.stop(started_ray=True)
 
 
-@contextmanager
-def deployed(settings: Settings) -> Iterator[str]:
-    """The deployment of `settings` through the proxy; removed (replicas drained) afterwards."""
-    from ray import serve
-
-    from octoflux.deploy import replicas
-
-    replicas.start(settings)
-    try:
-        yield f"http://127.0.0.1:{settings.port}"
-    finally:
-        serve.delete(replicas.APP_NAME)
+@pytest.fixture(scope="module")
+def deployment(proxy_port) -> Iterator[Deployment]:
+    deployment = Deployment()
+    yield deployment
+    deployment.remove()
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +100,15 @@ def base_settings(proxy_port, tiny_checkpoint, tmp_path_factory) -> Settings:
         max_queue=6,
         lora_dir=tmp_path_factory.mktemp("shared-loras"),
         state_dir=tmp_path_factory.mktemp("shared-state"),
-        warmup_steps=1,
-        shutdown_timeout=5,
+        warmup=False,  # a replica's warm-up is proved once, by `octoflux serve` in test_replicas_sigterm.py
+        shutdown_timeout=1,  # a restart interrupts the job it finds running after a second
     )
 
 
-@pytest.fixture(scope="module")
-def url(base_settings) -> Iterator[str]:
-    with deployed(base_settings) as url:
-        yield url
+@pytest.fixture
+def url(deployment, base_settings) -> str:
+    """The shared deployment of `base_settings` (deployed on first use, or again after a test replaced it)."""
+    return deployment.ensure(base_settings)
 
 
 def replica_pids(url: str, want: int = 2, timeout: float = 60) -> dict[str, int]:
@@ -119,7 +130,7 @@ def generate_many(url: str, n: int, **extra) -> list[httpx.Response]:
         return list(
             pool.map(
                 lambda i: httpx.post(
-                    f"{url}/generate/flux-dev", json=body(**extra), headers=AUTH, timeout=120
+                    f"{url}/generate/flux-dev", json=body(FOX, **extra), headers=AUTH, timeout=120
                 ),
                 range(n),
             )
@@ -133,11 +144,11 @@ def test_concurrent_requests_all_succeed_and_spread_over_both_replicas(url):
     ]
     assert len({r.headers["x-octoflux-replica"] for r in responses}) == 2
     assert all(r.headers.get("x-request-id") for r in responses)
-    assert httpx.post(f"{url}/generate/flux-dev", json=body()).status_code == 401  # auth as in one process
+    assert httpx.post(f"{url}/generate/flux-dev", json=body(FOX)).status_code == 401  # auth as in one process
 
 
 def test_async_job_submitted_and_polled_through_the_proxy(url):
-    accepted = httpx.post(f"{url}/generate/flux-dev", json=body("async"), headers=ASYNC, timeout=60)
+    accepted = httpx.post(f"{url}/generate/flux-dev", json=body("async"), headers=ASYNC_AUTH, timeout=60)
     assert accepted.status_code == 202, accepted.text
     poll_url = accepted.json()["poll_url"]
     pollers: set[str] = set()
@@ -147,7 +158,7 @@ def test_async_job_submitted_and_polled_through_the_proxy(url):
         pollers.add(poll.headers["x-octoflux-replica"])
         return poll.json() if poll.json()["status"] == "completed" else None
 
-    status = wait_until(completed, 60, "the async job")
+    status = wait_until(completed, 60, "the async job", every=POLL_S)
     results = [httpx.get(status["response_url"], headers=AUTH, timeout=10) for _ in range(6)]
     assert {r.status_code for r in results} == {200}
     assert len({r.content for r in results}) == 1  # the same stored body from every replica
@@ -194,18 +205,18 @@ def test_replica_killed_mid_job_fails_its_requests_fast_and_is_replaced(url, bas
     from octoflux.state.store import open_state_store
 
     pids = replica_pids(url)
-    accepted = httpx.post(f"{url}/generate/flux-dev", json=body("doomed", **LONG), headers=ASYNC)
+    accepted = httpx.post(f"{url}/generate/flux-dev", json=body("doomed", **LONG), headers=ASYNC_AUTH)
     job_id = accepted.json()["response_id"]
     store = open_state_store(base_settings.resolved_state_url)
     running = wait_until(
-        lambda: (r := store.get_job(job_id)) and r.status != "pending" and r, 60, "job start"
+        lambda: (r := store.get_job(job_id)) and r.status != "pending" and r, 60, "job start", every=POLL_S
     )
     assert running.status == "running"
     victim = running.replica
     outcomes: list[tuple[float, httpx.Response]] = []
 
     def sync_request():
-        response = httpx.post(f"{url}/generate/flux-dev", json=body(), headers=AUTH, timeout=120)
+        response = httpx.post(f"{url}/generate/flux-dev", json=body(FOX), headers=AUTH, timeout=120)
         outcomes.append((time.monotonic(), response))
 
     # Four sync requests: the proxy spreads them by load, so some wait behind the async job.
@@ -223,7 +234,9 @@ def test_replica_killed_mid_job_fails_its_requests_fast_and_is_replaced(url, bas
         assert response.status_code == 503 and "worker" in response.json()["detail"]
         assert "lost" in response.json()["detail"] and at - killed_at < 10
 
-    failed = wait_until(lambda: (r := store.get_job(job_id)) and r.status == "failed" and r, 30, "orphan")
+    failed = wait_until(
+        lambda: (r := store.get_job(job_id)) and r.status == "failed" and r, 30, "orphan", every=POLL_S
+    )
     assert "lost" in failed.error and time.time() - failed.finished_at < 30
     poll = httpx.get(accepted.json()["poll_url"], headers=AUTH).json()
     assert poll["status"] == "failed" and "lost" in poll["error"]
@@ -245,12 +258,8 @@ def upload(url: str, name: str, path: Path) -> str:
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_full_restart_keeps_results_and_assets_and_fails_unfinished_jobs(
-    backend, request, url, base_settings, tmp_path
+    backend, request, deployment, base_settings, tmp_path
 ):
-    from ray import serve
-
-    from octoflux.deploy import replicas
-
     if backend == "redis":
         import redis
 
@@ -258,34 +267,38 @@ def test_full_restart_keeps_results_and_assets_and_fails_unfinished_jobs(
         redis.Redis.from_url(state_url).flushdb()
         settings = base_settings.model_copy(update={"state_url": state_url, "lora_dir": tmp_path / "loras"})
     else:
-        settings = base_settings
-    serve.delete(replicas.APP_NAME)  # the module's deployment; started again below on the same store
+        settings = base_settings  # the module's deployment, if it runs, is the one before the restart
     lora = save_diffusers(make_lora(12), tmp_path / "kept.safetensors")
-    with deployed(settings) as url:
-        asset_id = upload(url, f"kept-{backend}", lora)
-        done = httpx.post(f"{url}/generate/flux-dev", json=body("kept"), headers=ASYNC).json()
-        wait_until(
-            lambda: httpx.get(done["poll_url"], headers=AUTH).json()["status"] == "completed", 60, "job"
-        )
-        before = httpx.get(f"{done['poll_url']}/result", headers=AUTH).content
-        unfinished = httpx.post(f"{url}/generate/flux-dev", json=body("cut", **LONG), headers=ASYNC)
-    with deployed(settings) as url:
-        assert httpx.get(f"{done['poll_url']}/result", headers=AUTH).content == before
-        asset = httpx.get(f"{url}/v1/assets/{asset_id}", headers=AUTH).json()["asset"]
-        assert (asset["name"], asset["status"]) == (f"kept-{backend}", "ready")
-        styled = httpx.post(
-            f"{url}/generate/flux-dev", json=body(loras={f"kept-{backend}": 1.0}), headers=AUTH, timeout=60
-        )
-        assert styled.status_code == 200, styled.text
-        cut = wait_until(
-            lambda: (
-                (p := httpx.get(unfinished.json()["poll_url"], headers=AUTH).json())["status"] == "failed"
-                and p
-            ),
-            30,
-            "the unfinished job to fail",
-        )
-        assert cut["error"]
+    url = deployment.ensure(settings)
+    asset_id = upload(url, f"kept-{backend}", lora)
+    done = httpx.post(f"{url}/generate/flux-dev", json=body("kept"), headers=ASYNC_AUTH).json()
+    wait_until(
+        lambda: httpx.get(done["poll_url"], headers=AUTH).json()["status"] == "completed",
+        60,
+        "job",
+        every=POLL_S,
+    )
+    before = httpx.get(f"{done['poll_url']}/result", headers=AUTH).content
+    unfinished = httpx.post(f"{url}/generate/flux-dev", json=body("cut", **LONG), headers=ASYNC_AUTH)
+
+    deployment.remove()  # every replica gone; started again on the same store
+    url = deployment.ensure(settings)
+    assert httpx.get(f"{done['poll_url']}/result", headers=AUTH).content == before
+    asset = httpx.get(f"{url}/v1/assets/{asset_id}", headers=AUTH).json()["asset"]
+    assert (asset["name"], asset["status"]) == (f"kept-{backend}", "ready")
+    styled = httpx.post(
+        f"{url}/generate/flux-dev", json=body(FOX, loras={f"kept-{backend}": 1.0}), headers=AUTH, timeout=60
+    )
+    assert styled.status_code == 200, styled.text
+    cut = wait_until(
+        lambda: (
+            (p := httpx.get(unfinished.json()["poll_url"], headers=AUTH).json())["status"] == "failed" and p
+        ),
+        30,
+        "the unfinished job to fail",
+        every=POLL_S,
+    )
+    assert cut["error"]
 
 
 def test_single_process_mode_does_not_import_ray(tiny_checkpoint, tmp_path):
@@ -311,17 +324,22 @@ def test_single_process_names_its_replica_too(live_server):
 
 
 def test_bad_state_url_stops_serve_with_one_line(tmp_path):
-    for url in ("postgres://db/state", "redis://127.0.0.1:1/0"):
-        run = subprocess.run(
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs = [  # side by side: each spends its seconds importing
+        subprocess.Popen(
             [sys.executable, "-m", "octoflux.cli", "serve", "--replicas", "2", "--state-url", url],
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            capture_output=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=60,
         )
+        for url in ("postgres://db/state", "redis://127.0.0.1:1/0")
+    ]
+    for run in runs:
+        _, stderr = run.communicate(timeout=60)
         assert run.returncode != 0
-        lines = run.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("octoflux: "), run.stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("octoflux: "), stderr
 
 
 def test_replica_options_size_the_load_limits_from_the_queue():

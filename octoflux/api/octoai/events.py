@@ -78,8 +78,7 @@ def resume_after(last_event_id: str | None) -> int:
 
 
 async def _frames(watched: AsyncIterator[Watched]) -> AsyncIterator[bytes]:
-    """SSE frames, one chunk per batch, with a keep-alive comment whenever nothing was sent for
-    KEEPALIVE_EVERY_S."""
+    """SSE frames, one chunk per batch; a keep-alive comment after KEEPALIVE_EVERY_S of silence."""
     last_sent = time.monotonic()
     async with aclosing(watched):  # closing the stream releases the watch's place in the job's feed
         async for batch in watched:

@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageFilter
 
 from octoflux.api.common.cors import install_cors
-from octoflux.core.models import SUPPORTED_RESOLUTIONS
 from octoflux.core.errors import JobCancelled
+from octoflux.core.models import SUPPORTED_RESOLUTIONS
 from octoflux.settings import Settings
 from tests.conftest import gradient_image, pixels
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 from conftest import b64_to_image
@@ -19,11 +17,11 @@ def server(controlled_server):
 
 
 def poll_until_final(client: httpx.Client, poll_url: str) -> dict:
-    deadline = time.monotonic() + WAIT
-    while (status := client.get(poll_url).json())["status"] in ("pending", "running"):
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
-    return status
+    def final() -> dict | None:
+        status = client.get(poll_url).json()
+        return None if status["status"] in ("pending", "running") else status
+
+    return wait_until(final, what=f"{poll_url} to reach a final status", every=0.05)
 
 
 def test_sdk_infer_async_returns_the_synchronous_body(server):

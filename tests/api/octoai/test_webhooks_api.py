@@ -248,8 +248,8 @@ def test_a_job_cancelled_through_another_replica_leaves_nothing_behind_here(
     ) as other:
         cancelled = httpx.delete(f"{other.url}/v1/responses/{job_id}", timeout=WAIT)
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        gate.set()  # the held step returns; the worker sees the cancel at the next one
         wait_until(lambda: service.jobs.running is None, what="replica A's worker to stop the job")
-    gate.set()
 
     def holders(owner) -> list[str]:
         return [

@@ -141,3 +141,53 @@ def test_enable_lora_hotswap_makes_scalings_tensors_that_slots_fill_in_place(pip
         layers = [m for m in pipe.transformer.modules() if isinstance(m, LoraLayer)]
         assert layers and all(torch.is_tensor(layer.scaling["slot"]) for layer in layers)
         assert all(layer.lora_A["slot"].weight.shape[0] == 8 for layer in layers)  # padded to the target
+
+
+def _tiny_transformer_state(tiny_checkpoint) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    from octoflux.pipelines.export import folder_transformer_state
+
+    return folder_transformer_state(Path(tiny_checkpoint))
+
+
+def test_flux_bfl_converter_reads_the_width_from_the_file(tiny_checkpoint):
+    from diffusers import FluxTransformer2DModel
+
+    from octoflux.pipelines.bfl_layout import diffusers_to_bfl
+
+    state = _tiny_transformer_state(tiny_checkpoint)
+    config = dict(FluxTransformer2DModel.load_config(tiny_checkpoint, subfolder="transformer"))
+    for comfy in (False, True):
+        with private_api(
+            "diffusers.loaders.single_file_utils.convert_flux_transformer_checkpoint_to_diffusers"
+        ):
+            converted = compat.flux_transformer_to_diffusers(diffusers_to_bfl(state, comfy=comfy), config)
+        assert converted.keys() == state.keys()
+        assert all(torch.equal(converted[name], state[name]) for name in state)
+
+
+def test_diffusers_flux_converter_still_assumes_flux1_width(tiny_checkpoint):
+    """When this fails, diffusers reads the width itself: drop the split in flux_transformer_to_diffusers."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from octoflux.pipelines.bfl_layout import diffusers_to_bfl
+
+    bfl = diffusers_to_bfl(_tiny_transformer_state(tiny_checkpoint))
+    with pytest.raises(RuntimeError, match="split"):
+        convert_flux_transformer_checkpoint_to_diffusers(bfl)
+
+
+def test_gguf_parameter_is_what_the_gguf_quantizer_loads():
+    import gguf
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    weights = torch.randn(4, 64)
+    raw = torch.from_numpy(gguf.quants.quantize(weights.numpy(), gguf.GGMLQuantizationType.Q8_0))
+    with private_api("diffusers.quantizers.gguf.utils.GGUFParameter"):
+        tagged = compat.gguf_parameter(raw, gguf.GGMLQuantizationType.Q8_0)
+        assert tuple(tagged.quant_shape) == (4, 64)
+        assert torch.allclose(dequantize_gguf_tensor(tagged).float(), weights, atol=0.02)
+        assert "Q8_0" in compat.gguf_supported_type_names()
+    plain = torch.zeros(3)
+    assert compat.gguf_parameter(plain, gguf.GGMLQuantizationType.F32) is plain

@@ -133,7 +133,7 @@ def diffusers_layers(checkpoint: str, library: LoraLibrary, layout: str) -> set[
 
 
 def our_layers(engine: Engine, layout: str) -> set[str]:
-    engine.loras.activate({layout: 1.0})
+    engine.loras.activate({layout: 1.0})  # the cache names its adapters `<name made safe>__<n>`
     return layers_with(engine.loras.pipe, re.compile(re.escape(adapter_name(layout)) + r"__\d+"))
 
 

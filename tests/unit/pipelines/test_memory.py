@@ -122,3 +122,50 @@ def test_random_full_is_sized_from_flux_dev_architecture_and_refused_on_24gb_of_
     assert "--dtype bfloat16" in str(refused.value) and "a GPU" in str(refused.value)
     # random-full is built whole before it is quantized: quantizing is no way out for its peak.
     assert "--quantize" not in str(refused.value)
+
+
+def fp8_flux_file(path: Path) -> Path:
+    """A header-only fp8 single file of 12e9 weights, named as a BFL FLUX.1 transformer."""
+    write_header_only(
+        path,
+        {
+            "double_blocks.0.img_attn.qkv.weight": ("F8_E4M3", [12_000_000, 1000]),
+            "img_in.bias": ("BF16", [3072]),
+        },
+    )
+    return path
+
+
+def test_a_transformer_file_replaces_the_folders_transformer_at_its_stored_size(synthetic_flux, tmp_path):
+    file = fp8_flux_file(tmp_path / "flux1-dev-fp8.safetensors")
+    folder = check_model_fits(str(synthetic_flux), CUDA, torch.bfloat16, device_free=80 * GIB)
+    with_file = check_model_fits(
+        str(synthetic_flux), CUDA, torch.bfloat16, device_free=80 * GIB, transformer_file=str(file)
+    )
+    assert folder.components["transformer"] == 24_000_000_000  # 12e9 bf16 weights
+    assert with_file.components["transformer"] == 12_000_000_000 + 3072 * 2  # fp8 stays 1 byte
+    assert with_file.components["text_encoder_2"] == folder.components["text_encoder_2"]
+
+
+def test_a_gguf_file_is_counted_by_its_tensor_types(tiny_checkpoint, tmp_path):
+    from octoflux.pipelines.export import export_transformer
+    from octoflux.pipelines.transformer_file import inspect_transformer_file
+
+    file = export_transformer(Path(tiny_checkpoint), tmp_path / "tiny-Q4_0.gguf", "gguf:Q4_0")
+    need = check_model_fits(tiny_checkpoint, CPU, torch.float32, transformer_file=str(file))
+    tensors = inspect_transformer_file(file).tensors.values()
+    quantized = sum(t.nbytes for t in tensors if t.kind == "Q4_0")
+    plain = sum(t.elements for t in tensors if t.kind == "F32")
+    assert quantized and need.components["transformer"] == quantized + 4 * plain
+
+
+def test_a_transformer_file_too_big_for_the_gpu_is_refused_before_loading(synthetic_flux, tmp_path):
+    file = fp8_flux_file(tmp_path / "flux1-dev-fp8.safetensors")
+    with pytest.raises(WillNotFit, match="--offload model \\(or group, sequential\\)"):
+        check_model_fits(
+            str(synthetic_flux), CUDA, torch.bfloat16, device_free=16 * GIB, transformer_file=str(file)
+        )
+    grouped = check_model_fits(
+        str(synthetic_flux), CUDA, torch.bfloat16, "none", "group", 16 * GIB, 64 * GIB, str(file)
+    )
+    assert grouped.device_bytes < 16 * GIB  # fits where the whole model does not

@@ -526,7 +526,9 @@ def test_links_are_not_jobs(store):
 
 
 def test_a_job_keeps_its_result_url(store):
-    store.create_job(JobRecord("j-url", None, "r", time.time(), "rep", result_url="http://h/v1/responses/j-url/result"))
+    store.create_job(
+        JobRecord("j-url", None, "r", time.time(), "rep", result_url="http://h/v1/responses/j-url/result")
+    )
     assert store.get_job("j-url").result_url == "http://h/v1/responses/j-url/result"
 
 
@@ -589,3 +591,35 @@ def test_redis_going_away_later_raises_state_store_error(redis_base_url, tmp_pat
     assert time.monotonic() - started < 2.0
     assert str(error.value) == f"Redis at {base_url}/0 failed: connection refused"
     store.close()
+
+
+def test_a_version_1_sqlite_file_is_migrated_and_keeps_its_jobs(tmp_path):
+    """A state file written before jobs kept their result URL (and links pointed into jobs) opens as is."""
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE jobs (
+                id TEXT PRIMARY KEY, owner TEXT, request_id TEXT NOT NULL, created_at REAL NOT NULL,
+                replica TEXT NOT NULL, status TEXT NOT NULL, encoding TEXT NOT NULL, error TEXT,
+                error_status INTEGER, finished_at REAL, webhook_url TEXT,
+                body BLOB, cancel_requested INTEGER NOT NULL DEFAULT 0, event_seq INTEGER NOT NULL DEFAULT 0
+            );
+            CREATE TABLE links (token TEXT PRIMARY KEY, job_id TEXT NOT NULL, idx INTEGER NOT NULL,
+                expires_at REAL NOT NULL);
+            INSERT INTO jobs (id, request_id, created_at, replica, status, encoding)
+                VALUES ('old', 'r', 1.0, 'rep', 'pending', 'png');
+            PRAGMA user_version = 1;
+            """
+        )
+    store = open_state_store(f"sqlite:///{path}")
+    try:
+        assert store.get_job("old").status == PENDING and store.get_job("old").result_url is None
+        store.create_job(JobRecord("new", None, "r", time.time(), "rep", result_url="http://h/new"))
+        assert store.get_job("new").result_url == "http://h/new"
+        store.put_link("tok", b"png", "image/png", expires_at=time.time() + 60)
+        assert store.get_link("tok") == (b"png", "image/png")
+    finally:
+        store.close()
