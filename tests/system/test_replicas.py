@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import b64_to_image, pixels
 from helpers.engine_control import wait_until
-from helpers.requests import ASYNC, body
+from helpers.requests import ASYNC, AUTH, KEY, LORA_DATA, body
 from helpers.services import free_port
 
 from octoflux.pipelines.tiny_lora import make_lora, save_diffusers
@@ -31,12 +31,9 @@ from octoflux.settings import Settings
 pytest.importorskip("ray.serve")
 
 REPO = Path(__file__).resolve().parents[2]
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 ASYNC_AUTH = {**AUTH, **ASYNC}
 POLL_S = 0.2  # between polls through the proxy: often enough, without loading Ray's proxy
 FOX = "a red fox"
-LORA_DATA = {"asset_type": "lora", "engine": "image/flux-dev", "file_format": "safetensors"}
 # The most steps at 1024x1024: a job still running when the test acts on it (it never finishes).
 LONG = {"steps": 200, "width": 1024, "height": 1024, "num_images": 2}
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
 from helpers.engine_control import WAIT, wait_until
+from helpers.requests import ASYNC, URL_PATH, body, post_in_thread
+from helpers.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-URL_PATH = "/generate/flux-dev"
 
 
 @contextmanager
@@ -56,37 +56,22 @@ def in_flight(url: str) -> float:
     return 0.0
 
 
-def post_in_thread(url: str, payload: dict, results: dict, key: str) -> threading.Thread:
-    def send():
-        results[key] = httpx.post(f"{url}{URL_PATH}", json=payload, timeout=120)
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    return thread
-
-
-def body(prompt: str, steps: int) -> dict:
-    return {"prompt": prompt, "width": 512, "height": 512, "steps": steps, "seed": 1}
-
-
 @pytest.mark.timeout(240)
 def test_sigterm_drains_finishes_the_running_job_and_exits_zero(tiny_checkpoint, tmp_path):
     with serve_process(tiny_checkpoint, tmp_path, "--shutdown-timeout", "120") as (process, url, log_path):
         results: dict = {}
         # 200 steps, the most allowed: the job must still run while the test queues two more and sends SIGTERM
         # (20 steps of the tiny model take well under a second).
-        running = post_in_thread(url, body("running", steps=200), results, "running")
+        running = post_in_thread(url, body("running", steps=200), results, "running", timeout=120)
         wait_until(lambda: in_flight(url) == 1, what="the job to start")
-        queued = post_in_thread(url, body("queued", steps=2), results, "queued")
-        async_job = httpx.post(
-            f"{url}{URL_PATH}", json=body("later", 2), headers={"X-OctoAI-Async": "1"}
-        ).json()
+        queued = post_in_thread(url, body("queued", steps=2), results, "queued", timeout=120)
+        async_job = httpx.post(f"{url}{URL_PATH}", json=body("later", steps=2), headers=ASYNC).json()
         wait_until(lambda: httpx.get(f"{url}/readyz").json().get("queue_depth") == 2, what="two queued")
 
         process.send_signal(signal.SIGTERM)
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 503, timeout=5, what="readyz 503")
         assert httpx.get(f"{url}/readyz").json()["status"] == "shutting down"
-        refused = httpx.post(f"{url}{URL_PATH}", json=body("new", 2), timeout=10)
+        refused = httpx.post(f"{url}{URL_PATH}", json=body("new", steps=2), timeout=10)
         assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
         queued.join(10)
         assert results["queued"].status_code == 503

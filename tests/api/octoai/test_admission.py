@@ -4,13 +4,12 @@ Retry-After when full, and a worker that never wastes steps on a job nobody want
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
 import pytest
 from helpers.engine_control import WAIT, open_raw_request, wait_until
-from helpers.requests import URL_PATH, body
+from helpers.requests import URL_PATH, body, post_in_thread
 from octoai.core.api_error import ApiError
 
 from octoflux.core import queue as jobs
@@ -28,15 +27,6 @@ def server(server_factory, control):
 def impatient_server(server_factory, control):
     with server_factory(engine_factory=control.factory, warmup=False, request_timeout=1.0) as live:
         yield live
-
-
-def post_in_thread(url: str, payload: dict, results: dict, key: str) -> threading.Thread:
-    def send():
-        results[key] = httpx.post(f"{url}{URL_PATH}", json=payload, timeout=WAIT)
-
-    thread = threading.Thread(target=send)
-    thread.start()
-    return thread
 
 
 def test_queue_full_returns_429_with_retry_after(server, control):

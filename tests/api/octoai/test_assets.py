@@ -13,15 +13,12 @@ import pytest
 import torch
 from conftest import STEPS, b64_to_image, pixels
 from helpers.engine_control import WAIT
+from helpers.requests import AUTH, KEY, LORA_DATA
 from octoai.asset_library import LoraData
 from octoai.asset_library.client import OMIT
 from octoai.uploading_asset_library import AssetNotReady, UploadingAssetLibraryClient
 
 from octoflux.pipelines.tiny_lora import make_lora, save_diffusers, save_raw
-
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-LORA_DATA = {"asset_type": "lora", "engine": "image/flux-dev", "file_format": "safetensors"}
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers.engine_control import WAIT, EngineControl, wait_until
+from helpers.engine_control import WAIT, wait_until
+from helpers.requests import ASYNC, body
 from httpx_sse import connect_sse
 from httpx_sse._decoders import SSEDecoder
 from PIL import Image
@@ -21,16 +22,7 @@ from octoflux.api.octoai.sse import KEEPALIVE, encode_sse, sse_frame
 from octoflux.core.progress import failed_event, progress_event
 
 KEY, OTHER_KEY = "key-a", "key-b"
-ASYNC = {"X-OctoAI-Async": "1"}
-
-
-def body(prompt: str, steps: int = 4) -> dict:
-    return {"prompt": prompt, "width": 512, "height": 512, "steps": steps, "seed": 9}
-
-
-@pytest.fixture(scope="module")
-def control():
-    return EngineControl()
+pytestmark = pytest.mark.usefixtures("controlled")
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +34,15 @@ def server(server_factory, control, tmp_path_factory):
         yield live
 
 
-@pytest.fixture(autouse=True)
-def fresh_control(control):
-    control.reset()
-    yield
-    control.release_all()
-
-
 def client(key: str = KEY) -> httpx.Client:
     return httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=WAIT)
 
 
 def submit(live, prompt: str, steps: int = 4) -> dict:
     with client() as http:
-        response = http.post(f"{live.url}/generate/flux-dev", json=body(prompt, steps), headers=ASYNC)
+        response = http.post(
+            f"{live.url}/generate/flux-dev", json=body(prompt, steps=steps, seed=9), headers=ASYNC
+        )
     assert response.status_code == 202, response.text
     return response.json()
 

@@ -6,7 +6,8 @@ import time
 
 import httpx
 import pytest
-from helpers.engine_control import WAIT, EngineControl, wait_until
+from helpers.engine_control import WAIT, wait_until
+from helpers.requests import ASYNC, body
 from helpers.webhook_receiver import running_receiver, wait_final
 from standardwebhooks import Webhook
 
@@ -18,22 +19,12 @@ from octoflux.webhooks.signing import new_webhook_secret
 from octoflux.webhooks.urls import WEBHOOK_HEADER
 
 SECRET = new_webhook_secret()
-ASYNC = {"X-OctoAI-Async": "1"}
-
-
-def body(prompt: str, **extra) -> dict:
-    return {"prompt": prompt, "width": 512, "height": 512, "steps": 2, "seed": 5, **extra}
 
 
 @pytest.fixture(scope="module")
 def receiver():
     with running_receiver() as receiver:
         yield receiver
-
-
-@pytest.fixture(scope="module")
-def control():
-    return EngineControl()
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +38,7 @@ def server(server_factory, control):
         yield live
 
 
-@pytest.fixture(autouse=True)
-def fresh_control(control):
-    control.reset()
-    yield
-    control.release_all()
+pytestmark = pytest.mark.usefixtures("controlled")
 
 
 def submit(live, hook_url: str, prompt: str, headers: dict | None = None) -> httpx.Response:
