@@ -19,7 +19,13 @@ import torch
 
 from octoflux.pipelines.load_progress import LoadProgress
 from octoflux.pipelines.loader import ModelLoadError
-from octoflux.pipelines.transformer_file import FP8_KINDS, SAFETENSORS_DTYPES, StoredTensor, read_weight_file
+from octoflux.pipelines.transformer_file import (
+    FP8_KINDS,
+    SAFETENSORS_DTYPES,
+    StoredTensor,
+    read_weight_file,
+    shape_mismatches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,20 +140,10 @@ def _from_gguf(path: Path, tensors: dict[str, StoredTensor], config) -> TextEnco
 def _check_matches_base(found: TextEncoderFile, config, base: str) -> None:
     expected = _expected_shapes(config)
     shapes = {name: tensor.shape for name, tensor in found.tensors.items()}
-    wrong = [
-        f"{n} is {_dims(shapes[n])} in the file, {_dims(s)} in the base"
-        for n, s in expected.items()
-        if n in shapes and shapes[n] != s
-    ]
-    wrong += [f"{n} is missing" for n in expected if n not in shapes]
-    wrong += [f"{found.stored_names.get(n, n)} is not in the base" for n in shapes if n not in expected]
+    wrong = shape_mismatches(expected, shapes, found.stored_names)
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise found.error(f"does not match --model {base}'s T5 config: {wrong[0]}{more}")
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return "x".join(str(n) for n in shape) or "a scalar"
 
 
 def read_t5_tensors(found: TextEncoderFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:

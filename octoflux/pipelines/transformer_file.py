@@ -242,17 +242,27 @@ def check_matches_base(found: TransformerFile, config: dict, base: str) -> None:
         expected = {
             n: tuple(t.shape) for n, t in FluxTransformer2DModel.from_config(config).state_dict().items()
         }
-    shapes = diffusers_shapes(found, config)
+    wrong = shape_mismatches(expected, diffusers_shapes(found, config))
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise found.error(f"does not match --model {base}'s transformer config: {wrong[0]}{more}")
+
+
+def shape_mismatches(
+    expected: dict[str, tuple[int, ...]],
+    shapes: dict[str, tuple[int, ...]],
+    stored_names: dict[str, str] | None = None,
+) -> list[str]:
+    """What differs between the base's tensors and a file's, in words (`stored_names`: the file's own names)."""
+    stored = stored_names or {}
     wrong = [
         f"{n} is {_dims(shapes[n])} in the file, {_dims(s)} in the base"
         for n, s in expected.items()
         if n in shapes and shapes[n] != s
     ]
     wrong += [f"{n} is missing" for n in expected if n not in shapes]
-    wrong += [f"{n} is not in the base" for n in shapes if n not in expected]
-    if wrong:
-        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise found.error(f"does not match --model {base}'s transformer config: {wrong[0]}{more}")
+    wrong += [f"{stored.get(n, n)} is not in the base" for n in shapes if n not in expected]
+    return wrong
 
 
 def _dims(shape: tuple[int, ...]) -> str:
