@@ -253,7 +253,7 @@ def shape_mismatches(
     shapes: dict[str, tuple[int, ...]],
     stored_names: dict[str, str] | None = None,
 ) -> list[str]:
-    """What differs between the base's tensors and a file's, in words (`stored_names`: the file's own names)."""
+    """What differs between the base's tensors and a file's, in words (`stored_names`: the file's names)."""
     stored = stored_names or {}
     wrong = [
         f"{n} is {_dims(shapes[n])} in the file, {_dims(s)} in the base"
