@@ -15,8 +15,6 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers.requests import STEPS  # noqa: E402, F401 (tests import it from here)
-from helpers.services import free_port  # noqa: E402, F401 (tests import it from here)
 
 from octoflux.app import build_engine  # noqa: E402
 from octoflux.deploy.embedded import serve_in_thread  # noqa: E402

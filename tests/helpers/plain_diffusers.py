@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import STEPS, pixels
+from conftest import pixels
 
+from helpers.requests import STEPS
 from octoflux.pipelines.loras import LoraLibrary
 
 

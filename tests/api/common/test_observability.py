@@ -8,9 +8,8 @@ import re
 
 import httpx
 import pytest
-from conftest import STEPS
 from helpers.engine_control import wait_until
-from helpers.requests import URL_PATH, body
+from helpers.requests import STEPS, URL_PATH, body
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import gradient_image, pixels
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image, ImageFilter
@@ -26,7 +27,6 @@ from octoflux.api.common.cors import install_cors
 from octoflux.core.errors import JobCancelled
 from octoflux.core.models import SUPPORTED_RESOLUTIONS
 from octoflux.settings import Settings
-from tests.conftest import gradient_image, pixels
 
 ROOT = Path(__file__).resolve().parents[3]
 STATIC = ROOT / "octoflux" / "static" / "playground"

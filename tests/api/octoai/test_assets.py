@@ -11,9 +11,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import STEPS, b64_to_image, pixels
+from conftest import b64_to_image, pixels
 from helpers.engine_control import WAIT
-from helpers.requests import AUTH, KEY, LORA_DATA
+from helpers.requests import AUTH, KEY, LORA_DATA, STEPS
 from octoai.asset_library import LoraData
 from octoai.asset_library.client import OMIT
 from octoai.uploading_asset_library import AssetNotReady, UploadingAssetLibraryClient

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from conftest import STEPS, gradient_image, image_to_b64
-from helpers.requests import URL_PATH
+from conftest import gradient_image, image_to_b64
+from helpers.requests import STEPS, URL_PATH
 
 from octoflux.core.codec import ImageDecodeError, decode_image
 

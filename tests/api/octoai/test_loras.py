@@ -8,7 +8,8 @@ import threading
 import httpx
 import numpy as np
 import pytest
-from conftest import STEPS, b64_to_image, pixels
+from conftest import b64_to_image, pixels
+from helpers.requests import STEPS
 
 from octoflux.pipelines.tiny_lora import (
     DOUBLE_BLOCK_TARGETS,

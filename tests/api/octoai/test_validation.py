@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import STEPS, b64_to_image, gradient_image, image_to_b64
+from conftest import b64_to_image, gradient_image, image_to_b64
+from helpers.requests import STEPS
 from octoai.image_gen.errors.unprocessable_entity_error import UnprocessableEntityError
 from PIL import Image
 

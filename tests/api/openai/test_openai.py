@@ -11,8 +11,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import STEPS, b64_to_image, gradient_image, image_to_b64, pixels
+from conftest import b64_to_image, gradient_image, image_to_b64, pixels
 from helpers.engine_control import WAIT, wait_until
+from helpers.requests import STEPS
 from PIL import Image
 
 from octoflux.api.openai.uploads import read_mask

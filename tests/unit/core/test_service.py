@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import STEPS
 from helpers.engine_control import WAIT
+from helpers.requests import STEPS
 from PIL import Image
 
 from octoflux.core.errors import Conflict, InvalidField, NotFound, NotReady, ShuttingDown

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import STEPS, b64_to_image, gradient_image, image_to_b64, pixels
+from conftest import b64_to_image, gradient_image, image_to_b64, pixels
+from helpers.requests import STEPS
 from PIL import Image, ImageOps
 
 from octoflux.core.models import MAX_SEED

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import STEPS, pixels
+from conftest import pixels
 from helpers.plain_diffusers import PlainDiffusers
+from helpers.requests import STEPS
 from torch._dynamo.testing import CompileCounter
 
 import octoflux.pipelines.optimize as optimize

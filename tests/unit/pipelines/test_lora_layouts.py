@@ -14,8 +14,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import STEPS, pixels
+from conftest import pixels
 from helpers.plain_diffusers import PlainDiffusers, adapter_name
+from helpers.requests import STEPS
 
 from octoflux.pipelines.engine import Engine, GenerationSpec
 from octoflux.pipelines.loras import LoraCache, LoraInvalid, LoraLibrary

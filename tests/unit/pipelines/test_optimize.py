@@ -9,7 +9,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import STEPS, pixels
+from conftest import pixels
+from helpers.requests import STEPS
 
 from benchmarks.flops import FluxShape, image_tokens, transformer_flops_per_step
 from benchmarks.pipeline import peak_memory
