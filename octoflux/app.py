@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 
-from octoflux.api.common import dialects, health, playground
+from octoflux.api.common import dialects, health, keys, playground
 from octoflux.api.common.body_limit import BodySizeLimit
 from octoflux.api.common.cors import install_cors
 from octoflux.api.common.request_log import RequestContext
@@ -17,16 +17,16 @@ from octoflux.api.octoai import routes as octoai
 from octoflux.api.octoai.errors import install_error_handlers
 from octoflux.api.openai import routes as openai
 from octoflux.core.codec import configure_pillow
-from octoflux.core.engine_factory import EngineFactory, build_engine
+from octoflux.core.engine_factory import EngineFactory, build_engine, build_models
 from octoflux.core.service import GenerationService
 from octoflux.settings import Settings
 
-__all__ = ["build_engine", "create_app"]
+__all__ = ["build_engine", "build_models", "create_app"]
 
 
 def create_app(
     settings: Settings,
-    engine_factory: EngineFactory = build_engine,
+    engine_factory: EngineFactory = build_models,
     on_load_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The app; the model loads in the background once it starts (`/readyz` says when it is ready).
@@ -49,6 +49,7 @@ def create_app(
     # The router's 404s and 405s, in the error shape of the API the path belongs to.
     app.add_exception_handler(HTTPException, dialects.http_error)
     app.include_router(health.router)
+    app.include_router(keys.router)
     app.include_router(octoai.router)
     app.include_router(events.router)
     app.include_router(assets.router)

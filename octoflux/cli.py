@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -107,59 +108,85 @@ def _flag_error(error: dict) -> str:
 
 
 def preflight(settings: Settings) -> None:
-    """Before the app starts: the model exists and fits, or one line on stderr and exit code 2."""
-    from octoflux.pipelines.loader import (
-        ModelLoadError,
-        check_model_source,
-        check_transformer_base,
-        model_source,
-        resolve_device,
-        resolve_dtype,
-    )
-    from octoflux.pipelines.memory import WillNotFit, check_model_fits
+    """Before the app starts: the models exist and fit, or one line on stderr and exit code 2."""
+    from octoflux.core.engine_factory import check_model_set
+    from octoflux.pipelines.loader import ModelLoadError, resolve_device, resolve_dtype
+    from octoflux.pipelines.memory import WillNotFit, check_model_fits, check_set_fits
 
     try:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        source = model_source(settings.model, settings.tiny_dir)
-        check_model_source(source)
-        if settings.transformer:
-            from octoflux.pipelines.single_file import check_transformer_file
-
-            check_transformer_base(source)
-            check_transformer_file(settings.transformer, source, settings.optimize, settings.quantize)
-        if settings.text_encoder_2:
-            from octoflux.pipelines.text_encoder_file import FLAG, check_text_encoder_file
-
-            check_transformer_base(source, FLAG)
-            check_text_encoder_file(settings.text_encoder_2, source, settings.quantize)
-        need = check_model_fits(
-            source,
-            device,
-            dtype,
-            quantize=settings.quantize,
-            offload=settings.offload,
-            transformer_file=settings.transformer,
-            text_encoder_file=settings.text_encoder_2,
-        )
+        entries = check_model_set(settings)
+        sources = [_check_entry(settings, entry) for entry in entries]
+        if len(entries) == 1:
+            need = check_model_fits(
+                sources[0],
+                device,
+                dtype,
+                quantize=settings.quantize,
+                offload=settings.offload,
+                transformer_file=entries[0].transformer_file,
+                text_encoder_file=settings.text_encoder_2,
+            )
+            saved = None
+        else:
+            models = [
+                (e.label, source, e.transformer_file) for e, source in zip(entries, sources, strict=True)
+            ]
+            need, saved = check_set_fits(models, device, dtype, quantize=settings.quantize) or (None, None)
     except (ModelLoadError, WillNotFit) as exc:
         print(f"octoflux: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if need is not None:
         log.info(
-            "memory: about %.1f GB needed on %s (weights and working memory)",
+            "memory: about %.1f GB needed on %s (weights and working memory%s)",
             need.device_bytes / 2**30,
             device,
+            f"; {saved}" if saved else "",
         )
 
 
+def _check_entry(settings: Settings, entry) -> str:
+    """One `--model` entry's source, checked (and its transformer file); `ModelLoadError` otherwise."""
+    from octoflux.pipelines.loader import check_model_source, check_transformer_base, model_source
+
+    source = model_source(entry.source, settings.tiny_dir)
+    check_model_source(source)
+    if entry.transformer_file:
+        from octoflux.pipelines.single_file import check_transformer_file
+
+        check_transformer_base(source)
+        check_transformer_file(entry.transformer_file, source, settings.optimize, settings.quantize)
+    if settings.text_encoder_2:
+        from octoflux.pipelines.text_encoder_file import FLAG, check_text_encoder_file
+
+        check_transformer_base(source, FLAG)
+        check_text_encoder_file(settings.text_encoder_2, source, settings.quantize)
+    return source
+
+
 def check_state_store(settings: Settings) -> None:
-    """A bad --state-url stops the server before anything starts, with one line."""
+    """A bad --state-url or a damaged store stops the server before anything starts, with one line."""
+    from octoflux.state.integrity import check_state
     from octoflux.state.store import StateStoreError, open_state_store
 
     try:
+        check_state(settings.resolved_state_url, repair=settings.state_repair)
         open_state_store(settings.resolved_state_url).close()
     except StateStoreError as exc:
+        print(f"octoflux: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_keys_file(settings: Settings) -> None:
+    """A malformed --api-keys-file stops the server before anything starts, with one line."""
+    from octoflux.core.tenants import KeysFileError, parse_keys_file
+
+    if settings.api_keys_file is None:
+        return
+    try:
+        parse_keys_file(settings.api_keys_file)
+    except KeysFileError as exc:
         print(f"octoflux: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -170,9 +197,11 @@ def serve(settings: Settings) -> None:
     from octoflux.deploy.log_setup import configure_logging
 
     settings.check_auth_exposure()
+    check_keys_file(settings)
     configure_logging(settings)
     check_state_store(settings)
     preflight(settings)
+    layout = _context_parallel_layout(settings)
     if settings.uses_ray:
         from octoflux.deploy.replicas import serve_replicas
 
@@ -182,7 +211,8 @@ def serve(settings: Settings) -> None:
     from octoflux.deploy.shutdown import GracefulServer
 
     configure_access_log()
-    app = create_app(settings)
+    ranks = _start_ranks(settings) if layout is not None else None
+    app = create_app(settings, ranks.engine_factory) if ranks else create_app(settings)
     # log_config=None: uvicorn's records go through our handler (and its filter), not its own.
     # uvicorn's own access log would be a second, unstructured line per request.
     config = uvicorn.Config(
@@ -195,13 +225,41 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     server = GracefulServer(config, app)
+    # SIGHUP re-reads --api-keys-file (a file that no longer parses is logged; the old keys stay),
+    # on a thread: a handler runs between the event loop's bytecodes and must not block it.
+    keys = app.state.service.keys
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=keys.reload, daemon=True).start())
     announcer = threading.Thread(
         target=_announce, args=(app.state.service, server, settings), name="octoflux-ready", daemon=True
     )
     announcer.start()
-    server.run()
-    if app.state.service.load_error is not None:
+    if ranks:
+        ranks.stop_server_when_lost(server, app.state.service)
+    try:
+        server.run()
+    finally:
+        if ranks:
+            ranks.stop()
+    if app.state.service.load_error is not None or (ranks and ranks.lost_reason):
         raise SystemExit(1)
+
+
+def _context_parallel_layout(settings: Settings):
+    """--context-parallel's layout checked against the model and GPUs (a bad one: one line, exit 2);
+    None for one process."""
+    from octoflux.pipelines.parallel import parse_layout
+
+    if parse_layout(settings.context_parallel) is None:
+        return None
+    from octoflux.deploy.context_parallel import checked_layout
+
+    return checked_layout(settings)
+
+
+def _start_ranks(settings: Settings):
+    from octoflux.deploy.context_parallel import RankGroup
+
+    return RankGroup.start(settings)
 
 
 def _announce(service, server, settings: Settings) -> None:
@@ -217,7 +275,7 @@ def _announce(service, server, settings: Settings) -> None:
     log.info("ready on http://%s:%d", host, settings.port)
 
 
-TINY_VARIANTS = ("dev", "schnell", "safety-checker")
+TINY_VARIANTS = ("dev", "schnell", "kontext", "fill", "safety-checker")
 
 
 def make_tiny(directory: Path, variant: str = "dev", concept_threshold: float = 1.0) -> None:

@@ -83,8 +83,10 @@ class Settings(BaseSettings):
 
     model: str = Field(
         "tiny",
-        description="'tiny' (built-in random weights), 'random-full' (FLUX.1-dev's architecture, random "
-        "weights), a diffusers-format folder, a hub id in the local HF cache, or a .safetensors file",
+        description="'tiny' (built-in random weights; tiny-schnell, tiny-kontext, tiny-fill, or tiny-family "
+        "for all four), 'random-full' (FLUX.1-dev's architecture, random weights), a diffusers-format "
+        "folder, a hub id in the local HF cache, or a .safetensors file; or several: "
+        "ID=SOURCE[+TRANSFORMER_FILE],... with ids flux-dev, flux-schnell, flux-kontext-dev, flux-fill-dev",
         json_schema_extra=group("model"),
     )
     transformer: str = Field(
@@ -118,6 +120,17 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         "",
         description="comma-separated bearer tokens; empty means no auth",
+        json_schema_extra=group("server"),
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="TOML file of named keys with scopes and quotas (docs/operations.md); re-read on SIGHUP "
+        "and when it changes",
+        json_schema_extra=group("server"),
+    )
+    public_metrics: bool = Field(
+        False,
+        description="serve /metrics and the detailed /healthz to anyone, even with keys set",
         json_schema_extra=group("server"),
     )
     allow_unauthenticated: bool = Field(
@@ -210,6 +223,20 @@ class Settings(BaseSettings):
     result_ttl: float = Field(
         3600.0, description="seconds a finished async result is kept", json_schema_extra=group("async")
     )
+    max_attempts: int = Field(
+        2,
+        ge=1,
+        description="runs an async job gets when the process running it is lost (killed, replica gone); "
+        "then it fails saying so",
+        json_schema_extra=group("async"),
+    )
+    lease_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds an async job's lease outlives the last renewal: how soon a job of a lost "
+        "process runs again elsewhere",
+        json_schema_extra=group("async"),
+    )
     state_url: str = Field(
         "",
         description="where async results and asset records live: sqlite:///PATH/state.db "
@@ -219,6 +246,12 @@ class Settings(BaseSettings):
     state_dir: Path = Field(
         default_factory=default_state_dir,
         description="folder of the default SQLite state store (default: ~/.cache/octoflux/state)",
+        json_schema_extra=group("async"),
+    )
+    state_repair: bool = Field(
+        False,
+        description="start on a damaged SQLite state store: move it aside, keep every row that still "
+        "reads, log what was dropped (without it: a one-line refusal)",
         json_schema_extra=group("async"),
     )
 
@@ -276,6 +309,20 @@ class Settings(BaseSettings):
         description="autoscale on ongoing requests per replica up to this many (0: a fixed count)",
         json_schema_extra=group("replicas"),
     )
+    # One image on several GPUs (octoflux/deploy/context_parallel.py, docs/parallel.md).
+    context_parallel: str = Field(
+        "1",
+        description="split each image's tokens over N processes of one machine (one GPU each; gloo ranks "
+        "with --device cpu): N (Ulysses), or 'ring=R,ulysses=U'; N must divide the attention heads",
+        json_schema_extra=group("replicas"),
+    )
+    context_parallel_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds any collective between the ranks may take before the server gives up on a "
+        "stalled rank, fails the job and exits",
+        json_schema_extra=group("replicas"),
+    )
 
     # Webhooks for async jobs (octoflux/webhooks/dispatcher.py, docs/webhooks.md).
     webhook_secret: str = Field(
@@ -325,6 +372,14 @@ class Settings(BaseSettings):
             raise ValueError(f"replicas must be a number >= 1 or 'auto', not {value!r}")
         return value
 
+    @field_validator("context_parallel")
+    @classmethod
+    def _context_parallel_layout(cls, value: str) -> str:
+        from octoflux.pipelines.parallel import parse_layout
+
+        parse_layout(value)  # raises ValueError with the accepted forms
+        return value.strip().lower()
+
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
@@ -333,6 +388,24 @@ class Settings(BaseSettings):
     @classmethod
     def _webhook_secret_format(cls, value: str) -> str:
         return check_webhook_secret(value)
+
+    @field_validator("model")
+    @classmethod
+    def _model_list_parse(cls, value: str) -> str:
+        from octoflux.pipelines.model_list import parse_model_list
+
+        parse_model_list(value)
+        return value
+
+    @property
+    def model_entries(self):
+        """`--model` as `ModelEntry`s (octoflux.pipelines.model_list); one unless it names several."""
+        from octoflux.pipelines.model_list import ModelEntry, parse_model_list
+
+        entries = parse_model_list(self.model)
+        if len(entries) == 1 and self.transformer and not entries[0].transformer_file:
+            entries = [ModelEntry(entries[0].id, entries[0].source, self.transformer)]
+        return entries
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -380,8 +453,9 @@ class Settings(BaseSettings):
 
     def check_auth_exposure(self) -> None:
         """Refuse to serve without keys on a non-loopback address unless told to."""
-        if not self.api_key_list and not self.binds_loopback and not self.allow_unauthenticated:
+        has_keys = self.api_key_list or self.api_keys_file
+        if not has_keys and not self.binds_loopback and not self.allow_unauthenticated:
             raise SystemExit(
                 f"refusing to bind {self.host} without API keys: set OCTOFLUX_API_KEYS "
-                "or pass --allow-unauthenticated"
+                "or --api-keys-file, or pass --allow-unauthenticated"
             )

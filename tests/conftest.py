@@ -16,7 +16,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-from octoflux.app import build_engine  # noqa: E402
+from octoflux.app import build_models  # noqa: E402
 from octoflux.deploy.embedded import serve_in_thread  # noqa: E402
 from octoflux.pipelines.tiny import write_tiny_checkpoint  # noqa: E402
 from octoflux.settings import Settings  # noqa: E402
@@ -77,7 +77,7 @@ class LiveServer:
 
 @contextmanager
 def run_server(
-    settings: Settings, engine_factory=build_engine, wait_ready: bool = True
+    settings: Settings, engine_factory=build_models, wait_ready: bool = True
 ) -> Iterator[LiveServer]:
     """Serve `create_app(settings)` with uvicorn on a free loopback port in a thread."""
     with serve_in_thread(settings, engine_factory, wait_ready=wait_ready) as (url, app):
@@ -88,7 +88,7 @@ def run_server(
 def server_factory(tiny_checkpoint, tmp_path_factory) -> Callable[..., object]:
     """`with server_factory(max_queue=1, ...) as live:` starts a server with those settings."""
 
-    def factory(engine_factory=build_engine, wait_ready: bool = True, **overrides):
+    def factory(engine_factory=build_models, wait_ready: bool = True, **overrides):
         values = dict(
             model=tiny_checkpoint,
             device="cpu",

@@ -3,7 +3,8 @@
 Records and state changes live in `AssetStore`; this adds what the routes need on top: streamed
 uploads with `--max-lora-mb`, validation of a staged file against the LoRA shapes of the loaded
 pipeline before it is published, and keeping blocking calls off the event loop. It raises the domain
-errors of `octoflux/core/errors.py`.
+errors of `octoflux/core/errors.py`. `space` is the caller's asset space (see `octoflux/assets/store.py`):
+None for the shared one (an admin key, or a server without keys).
 """
 
 from __future__ import annotations
@@ -33,18 +34,20 @@ class AssetService:
         self.max_bytes = int(max_lora_mb * 2**20)
         self._lora_cache = lora_cache
 
-    async def create(self, name: str, description: str, data: dict) -> tuple[dict, str]:
-        return await run_in_threadpool(self.store.create, name, description, data)
+    async def create(
+        self, name: str, description: str, data: dict, space: str | None = None
+    ) -> tuple[dict, str]:
+        return await run_in_threadpool(self.store.create, name, description, data, space)
 
-    async def all(self) -> list[dict]:
-        return await run_in_threadpool(self.store.all)
+    async def all(self, space: str | None = None) -> list[dict]:
+        return await run_in_threadpool(self.store.all, space)
 
-    async def find(self, id_or_ref: str) -> dict:
-        return await run_in_threadpool(self.store.find, id_or_ref)
+    async def find(self, id_or_ref: str, space: str | None = None) -> dict:
+        return await run_in_threadpool(self.store.find, id_or_ref, space)
 
-    async def delete(self, asset_id: str) -> dict:
+    async def delete(self, asset_id: str, space: str | None = None) -> dict:
         try:
-            return await run_in_threadpool(self.store.delete, asset_id)
+            return await run_in_threadpool(self.store.delete, asset_id, space)
         except LoraError:  # not even a valid name
             raise NotFound(f"no asset {asset_id!r}") from None
 
@@ -98,8 +101,9 @@ class AssetService:
             raise Conflict(f"asset {asset_id} is not ready")
         return path
 
-    async def complete_upload(self, asset_id: str) -> str | None:
+    async def complete_upload(self, asset_id: str, space: str | None = None) -> str | None:
         """Check the staged file against the loaded pipeline, then publish it; the reason if rejected."""
+        await run_in_threadpool(self.store.accessible, asset_id, space, owned=True)
         cache = self._lora_cache()
         await run_in_threadpool(self.store.begin_validation, asset_id)
         try:

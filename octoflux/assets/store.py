@@ -7,6 +7,12 @@ accept two uploads of one name or validate one upload twice. The files live in t
 `<lora_dir>/.uploads/` and linked into the folder under its name only once it is complete and
 valid, so a half-written or rejected file is never a usable LoRA. Files dropped into the folder
 by hand are listed as ready assets too (id `file_<name>`).
+
+Assets belong to a space: the shared one (`None`: hand-placed files, and what an admin key or a
+server without keys creates) or an API key's own (its owner id). A record's stored `name` is its LoRA
+key (`name`, or `<space>/<name>` with the file in `<lora_dir>/.tenants/<space>/`), so names are unique
+per space. A caller sees its own space and the shared one, its own first; it deletes only in its own
+space (an admin's own space is the shared one). Another key's asset is a 404, as if it did not exist.
 """
 
 from __future__ import annotations
@@ -54,6 +60,15 @@ class UploadDenied(Forbidden):
     """The PUT URL's token is wrong or expired."""
 
 
+class SharedAsset(Forbidden):
+    """A shared asset: every key uses it, only an admin key deletes it."""
+
+
+def space_key(space: str | None, name: str) -> str:
+    """The LoRA key (and stored name) of `name` in `space`."""
+    return f"{space}/{name}" if space else name
+
+
 def _now_iso(epoch: float | None = None) -> str:
     return datetime.fromtimestamp(epoch if epoch is not None else time.time(), UTC).isoformat()
 
@@ -80,6 +95,17 @@ class AssetRecord:
     def from_dict(cls, raw: dict) -> AssetRecord:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+    @property
+    def space(self) -> str | None:
+        return self.name.rpartition("/")[0] or None
+
+    @property
+    def shown_name(self) -> str:
+        return self.name.rpartition("/")[2]
+
+    def visible_to(self, space: str | None) -> bool:
+        return self.space is None or self.space == space
 
 
 class AssetStore:
@@ -118,7 +144,7 @@ class AssetStore:
             status = "deleted"  # removed from the folder by hand
         return {
             "id": record.id,
-            "name": record.name,
+            "name": record.shown_name,
             "asset_type": "lora",
             "data": record.data,
             "description": record.description,
@@ -128,7 +154,7 @@ class AssetStore:
             "created_at": record.created_at,
             "tenant_uuid": TENANT,
             "file_structure": "single_file",
-            "is_public": False,
+            "is_public": record.space is None,
         }
 
     def _file_asset(self, name: str) -> dict:
@@ -147,27 +173,33 @@ class AssetStore:
         )
         return self.public(record)
 
-    def all(self) -> list[dict]:
-        """Uploaded assets (newest first), then hand-placed files, by name."""
+    def all(self, space: str | None = None) -> list[dict]:
+        """What `space` sees: its own uploaded assets, then shared ones (newest first), then
+        hand-placed files, by name."""
         records = [AssetRecord.from_dict(raw) for raw in self.store.list_assets()]
+        records = [r for r in records if r.visible_to(space)]
         records.sort(key=lambda r: r.created_at, reverse=True)
+        records.sort(key=lambda r: r.space is None)  # stable: own first, each newest first
         assets = [self.public(r) for r in records]
-        recorded = {a["name"] for a in assets}
+        recorded = {r.name for r in records}
         assets += [self._file_asset(n) for n in self.library.names() if n not in recorded]
         return [a for a in assets if a["status"] != "deleted"]
 
-    def find(self, id_or_ref: str) -> dict:
-        """By id, or by `name` / `owner:name`."""
+    def find(self, id_or_ref: str, space: str | None = None) -> dict:
+        """By id, or by `name` / `owner:name` (the caller's own first, then shared)."""
         raw = self.store.get_asset(id_or_ref)
         if raw is not None:
-            return self.public(AssetRecord.from_dict(raw))
+            record = AssetRecord.from_dict(raw)
+            if not record.visible_to(space):
+                raise AssetNotFound(id_or_ref)
+            return self.public(record)
         name = id_or_ref.removeprefix(FILE_ID_PREFIX) if id_or_ref.startswith(FILE_ID_PREFIX) else None
         if name is None:
             try:
                 name = lora_name(id_or_ref)
             except LoraError:
                 raise AssetNotFound(id_or_ref) from None
-        for asset in self.all():
+        for asset in self.all(space):
             if asset["name"] == name:
                 return asset
         raise AssetNotFound(id_or_ref)
@@ -177,6 +209,16 @@ class AssetStore:
         if raw is None:
             raise AssetNotFound(asset_id)
         return AssetRecord.from_dict(raw)
+
+    def accessible(self, asset_id: str, space: str | None, *, owned: bool = False) -> AssetRecord:
+        """The record if `space` sees it, else AssetNotFound; `owned`: `SharedAsset` unless it is in
+        `space` itself."""
+        record = self.record(asset_id)
+        if not record.visible_to(space):
+            raise AssetNotFound(asset_id)
+        if owned and record.space != space:
+            raise SharedAsset(f"asset {asset_id} is shared: only an admin key changes or deletes it")
+        return record
 
     def _update(self, asset_id: str, expected: str | set[str] | None, **changes) -> AssetRecord:
         """Compare-and-set on the stored status; AssetNotFound or AssetConflict saying what was found."""
@@ -190,12 +232,13 @@ class AssetStore:
 
     # ------------------------------------------------------------ lifecycle
 
-    def create(self, name: str, description: str, data: dict) -> tuple[dict, str]:
-        """A record in `ready_to_upload` and the secret token of its PUT URL."""
+    def create(self, name: str, description: str, data: dict, space: str | None = None) -> tuple[dict, str]:
+        """A record in `ready_to_upload` in `space` and the secret token of its PUT URL."""
         token = secrets.token_urlsafe(32)
+        key = space_key(space, name)
         record = AssetRecord(
             id=f"asset_{uuid.uuid4().hex}",
-            name=name,
+            name=key,
             description=description,
             data=data,
             status="ready_to_upload",
@@ -206,7 +249,7 @@ class AssetStore:
             expires_at=time.time() + self.upload_ttl_s,
         )
         # Rejected or deleted records of the same name are superseded by the store.
-        if self.library.path(name).exists() or not self.store.create_asset(asdict(record), LIVE_STATUSES):
+        if self.library.path(key).exists() or not self.store.create_asset(asdict(record), LIVE_STATUSES):
             raise AssetConflict(f"an asset named {name!r} already exists")
         return self.public(record), token
 
@@ -262,8 +305,10 @@ class AssetStore:
         """Link the staged file into the LoRA folder under its name; never overwrites a file."""
         record = self.record(asset_id)
         staged = self.staging_file(asset_id)
+        target = self.library.path(record.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(staged, self.library.path(record.name))
+            os.link(staged, target)
         except FileExistsError:
             reason = f"a LoRA named {record.name!r} appeared in the folder meanwhile"
             raise AssetConflict(reason) from None
@@ -280,8 +325,9 @@ class AssetStore:
         with contextlib.suppress(AssetNotFound):  # deleted meanwhile: nothing left to mark
             self.set_status(asset_id, "rejected", reason)
 
-    def delete(self, id_or_file: str) -> dict:
-        """Remove the asset and its file; returns `{"id", "deleted_at"}`."""
+    def delete(self, id_or_file: str, space: str | None = None) -> dict:
+        """Remove the asset of `space` and its file; returns `{"id", "deleted_at"}`. A shared one
+        seen from another space is `SharedAsset` (403)."""
         raw = self.store.get_asset(id_or_file)
         if raw is None:
             if not id_or_file.startswith(FILE_ID_PREFIX):
@@ -289,9 +335,11 @@ class AssetStore:
             name = lora_name(id_or_file.removeprefix(FILE_ID_PREFIX))
             if not self.library.path(name).is_file():
                 raise AssetNotFound(id_or_file)
+            if space is not None:
+                raise SharedAsset(f"asset {id_or_file} is shared: only an admin key deletes it")
             self.library.path(name).unlink(missing_ok=True)
         else:
-            record = AssetRecord.from_dict(raw)
+            record = self.accessible(id_or_file, space, owned=True)
             if not self.store.delete_asset(record.id):
                 raise AssetNotFound(id_or_file)  # another replica deleted it first
             self.staging_file(record.id).unlink(missing_ok=True)

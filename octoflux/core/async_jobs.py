@@ -1,20 +1,23 @@
 """Async jobs, their whole life: accept, run, finish, poll, result, cancel, announce, expire.
 
-The state store holds what any replica must answer (status, error, owner, the finished body, the
-result URL a webhook carries); this object adds the live `Job` handles of the jobs this process
-queued, so a cancel reaches the worker at once, and a cancel that arrived through another replica is
-picked up by `cancel_flagged`. Store calls block briefly (SQLite on local disk, a Redis round trip):
-every `async def` here runs them off the event loop.
+Accepting stores the job whole (the validated request, seeds fixed, images included, and which
+dialect renders its body) in the state store before the 202; from then on the store is the queue.
+`JobRunner` (octoflux/core/job_runner.py) leases jobs from it, one at a time when this process's
+worker has room, and a lease that lapses (a killed process, a lost replica) puts the job back, up to
+`--max-attempts` runs. The store also holds what any replica must answer (status, error, owner, the
+finished body, the result URL a webhook carries); this object adds the live `Job` handles of the jobs
+this process runs, so a cancel reaches the worker at once, and a cancel that arrived through another
+replica is picked up by `cancel_flagged`. Store calls block briefly (SQLite on local disk, a Redis
+round trip): every `async def` here runs them off the event loop.
 
-Whoever makes a job final in the store (this replica's worker, a DELETE on any replica, the
-heartbeat failing a lost replica's jobs) announces it once: that is where webhooks are sent from.
-A job rolled back before its id was handed out is never announced.
+Whoever makes a job final in the store (the worker that ran it, a DELETE on any replica, the process
+that finds its last lease lapsed) announces it once: that is where webhooks are sent from. Results are
+written once (the first final write wins), so a re-run never sends a second `completed` webhook.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -22,12 +25,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from octoflux.core import metrics
-from octoflux.core.errors import DELETED, WORKER_LOST, Conflict, InvalidField, JobCancelled, NotFound, problem
-from octoflux.core.generation import Generated, record_success, render_timed, trace_job
+from octoflux.core.errors import DELETED, WORKER_LOST, Conflict, InvalidField, NotFound, QueueFull
+from octoflux.core.job_runner import JobRunner
 from octoflux.core.progress import ProgressEvent, StepPublisher, Watched, final_event, watch_job
 from octoflux.core.queue import Job, JobQueue, new_job
+from octoflux.core.quotas import admitted
 from octoflux.core.request import Caller
 from octoflux.core.runtime import Runtime
+from octoflux.core.stored_request import StoredRequest
+from octoflux.core.stored_results import read_back, read_stored_body
 from octoflux.pipelines.engine import GenerationSpec
 from octoflux.state.records import CANCELLED, COMPLETED, FAILED, FINAL, JobRecord
 from octoflux.state.store import StateStore, StateStoreError
@@ -36,15 +42,20 @@ from octoflux.webhooks.message import EVENT_TYPES
 from octoflux.webhooks.urls import WebhookUrlError, check_webhook_url
 
 log = logging.getLogger(__name__)
-job_log = logging.getLogger("octoflux.access")
 
-# How often a replica says it lives; one silent for LEASE_S is taken for dead and its jobs failed.
+# How often a replica reports itself and looks for lapsed leases; LEASE_S is how long a report counts.
 REPLICA_HEARTBEAT_S = 2.0
 LEASE_S = 10.0
 SWEEP_EVERY_S = 60.0
+DEFAULT_MAX_ATTEMPTS = 2
 
-# A dialect's stored body for a completed job (what its result URL returns); runs on a worker thread.
-RenderBody = Callable[[Generated], bytes]
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A client's `Idempotency-Key` and a digest of the request it came with."""
+
+    key: str
+    request_hash: str
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,8 @@ class AsyncJobs:
         jobs: JobQueue | None = None,
         webhooks: WebhookDispatcher | None = None,
         webhook_allow_private: bool = False,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        lease_s: float = LEASE_S,
     ):
         self.store = store
         self.replica = replica
@@ -76,9 +89,13 @@ class AsyncJobs:
         self.jobs = jobs
         self.webhooks = webhooks
         self.webhook_allow_private = webhook_allow_private
+        self.max_attempts = max_attempts
         self._live: dict[str, Job] = {}
+        # Quota slots (octoflux/core/quotas.py) of jobs accepted here, held until seen final.
+        self._admitted: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self.runner = JobRunner(self, lease_s=lease_s)
 
     # ------------------------------------------------------------------ accepting
 
@@ -98,39 +115,78 @@ class AsyncJobs:
         self,
         spec: GenerationSpec,
         caller: Caller,
-        render: RenderBody,
+        dialect: str,
+        options: dict | None = None,
         *,
         webhook_url: str | None = None,
         result_url: Callable[[str], str] | None = None,
+        idempotency: Idempotency | None = None,
     ) -> JobRecord:
-        """Queue the job and keep its outcome for the poll URL; returns at once.
+        """Store the job whole, queued, and return its record; a process with room leases it.
 
+        `dialect` and `options` name the renderer of the finished body (octoflux/core/renderers.py).
         `result_url(job_id)` is the absolute URL a completed job's webhook carries, stored with the
-        job so whichever replica makes it final can announce it. The record is stored before the job
-        is queued, so even a job that finishes at once has one.
+        job so whichever replica makes it final can announce it. With `idempotency`, a job of the same
+        owner stored under that key (and not expired) is returned instead of a new one; `Conflict` if
+        it came with another request.
         """
         self.runtime.check_accepting()
-        self.jobs.check_room()
-        job = new_job(spec, api=caller.api, request_id=caller.request_id, timeout=None)
-        caller.trace.job_id = job.id
-        url = result_url(job.id) if result_url is not None else None
-        record = await asyncio.to_thread(
-            self.create, job, owner=caller.owner, webhook_url=webhook_url, result_url=url
+        await asyncio.to_thread(self.check_room)
+        token = admitted(
+            caller,
+            spec,
+            lambda: new_job(
+                spec, api=caller.api, request_id=caller.request_id, timeout=None, owner=caller.owner
+            ),
+        )
+        request = await asyncio.to_thread(StoredRequest(spec, dialect, options or {}).to_bytes)
+        record = JobRecord(
+            id=token.id,
+            owner=caller.owner,
+            request_id=caller.request_id,
+            created_at=time.time(),
+            replica=self.replica,
+            webhook_url=webhook_url,
+            result_url=result_url(token.id) if result_url is not None else None,
+            idempotency_key=idempotency.key if idempotency else None,
+            request_hash=idempotency.request_hash if idempotency else None,
         )
         try:
-            self.jobs.enqueue(job)
-        except Exception as exc:  # filled up meanwhile: the id was never handed out, so nobody hears of it
-            found = problem(exc)
-            await asyncio.to_thread(self.fail, job.id, FAILED, found.message, found.status, announce=False)
+            stored = await asyncio.to_thread(self.store.enqueue_job, record, request, self.ttl_s)
+        except BaseException:
+            token.future.cancel()
             raise
-        task = asyncio.ensure_future(self._finish(job, caller, render))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return record
+        caller.trace.job_id = stored.id
+        if stored.id != record.id:  # the key's job, stored before
+            token.future.cancel()
+            if stored.request_hash != record.request_hash:
+                raise Conflict(
+                    f"Idempotency-Key {record.idempotency_key!r} was used for another request "
+                    f"(job {stored.id}); use a new key for a new request"
+                )
+            return stored
+        with self._lock:
+            self._admitted[record.id] = token
+        self.runner.wake()
+        return stored
+
+    def check_room(self) -> None:
+        """`QueueFull` when --max-queue jobs already wait in the store's queue."""
+        queued = self.store.queued_count()
+        if queued >= self.jobs.max_queue:
+            raise QueueFull(self.jobs.retry_after_seconds(), depth=queued)
+
+    def adopt(self, job: Job) -> None:
+        """A leased job about to run here: cancels reach it, its start and steps reach the store."""
+        with self._lock:
+            self._live[job.id] = job
+        job.start_listeners.append(lambda started: self.store.mark_running(started.id))
+        job.step_listeners.append(StepPublisher(self.store, job.id))
 
     def create(
         self, job: Job, *, owner: str | None, webhook_url: str | None = None, result_url: str | None = None
     ) -> JobRecord:
+        """Store a job this process runs itself, outside the queue (tests, tools)."""
         record = JobRecord(
             id=job.id,
             owner=owner,
@@ -140,38 +196,14 @@ class AsyncJobs:
             webhook_url=webhook_url,
             result_url=result_url,
         )
-        with self._lock:
-            self._live[job.id] = job
         self.store.create_job(record)
-        # Before the job is queued (the record exists by then), so no start or step is missed.
-        job.start_listeners.append(lambda started: self.store.mark_running(started.id))
-        job.step_listeners.append(StepPublisher(self.store, job.id))
+        self.adopt(job)
         return record
-
-    async def _finish(self, job: Job, caller: Caller, render: RenderBody) -> None:
-        line: dict = {"event": "job", "request_id": job.request_id, "api": caller.api, "mode": job.spec.mode}
-        try:
-            result = await asyncio.wrap_future(job.future)
-            body = await render_timed(render, Generated.of(result, job.spec), caller.trace)
-        except Exception as exc:
-            found = problem(exc)
-            cancelled = isinstance(exc, JobCancelled) and exc.reason == DELETED
-            status = CANCELLED if cancelled else FAILED
-            await asyncio.to_thread(self.fail, job.id, status, found.message, found.status)
-            metrics.ERRORS.labels(found.kind).inc()
-            trace_job(caller.trace, job)
-            line.update(status=status, error=found.kind, **caller.trace.fields())
-        else:
-            await asyncio.to_thread(self.complete, job.id, body)
-            record_success(job, caller.api, len(job.spec.seeds))
-            trace_job(caller.trace, job)
-            line.update(status=COMPLETED, **caller.trace.fields())
-        job_log.info(json.dumps(line))
 
     # ------------------------------------------------------------------ what owners see
 
     async def find(self, response_id: str, owner: str | None) -> JobRecord:
-        record = await asyncio.to_thread(self.get, response_id, owner)
+        record = await asyncio.to_thread(read_back, response_id, self.get, response_id, owner)
         if record is None:
             raise NotFound(f"no async job {response_id!r}: unknown, expired, or created with another token")
         return record
@@ -185,7 +217,7 @@ class AsyncJobs:
         record = await self.find(response_id, owner)
         if record.status != COMPLETED:
             raise Conflict(f"job is {record.status}: {record.error or 'no result yet'}")
-        body = await asyncio.to_thread(self.store.get_body, record.id)
+        body = await asyncio.to_thread(read_stored_body, self.store, record.id)
         if body is None:
             raise NotFound(f"no async job {response_id!r}: its result expired")
         return body
@@ -260,21 +292,51 @@ class AsyncJobs:
                 self.jobs.cancel(job, DELETED)
 
     def heartbeat(self) -> list[str]:
-        """Say this replica lives; fail the jobs of replicas that stopped saying so."""
+        """Say this replica lives; re-queue jobs whose lease lapsed, failing those out of attempts."""
         self.store.heartbeat(self.replica)
-        reason = f"job failed: {WORKER_LOST}; retry it"
-        orphans = self.store.fail_orphans(LEASE_S, reason)
-        if orphans:
-            log.warning("failed %d jobs whose replica was lost", len(orphans))
-        for job_id in orphans:
+        failed = self.reclaim()
+        self._release_settled()
+        metrics.ASYNC_QUEUED.set(self.store.queued_count())
+        return failed
+
+    def reclaim(self) -> list[str]:
+        tries = "once" if self.max_attempts == 1 else f"{self.max_attempts} times"
+        reason = f"job failed: {WORKER_LOST}; it was tried {tries} (--max-attempts); retry it"
+        failed = self.store.reclaim_lapsed(self.max_attempts, reason)
+        if failed:
+            log.warning("failed %d jobs whose worker was lost on every attempt", len(failed))
+        for job_id in failed:
             self._finished(job_id, FAILED, reason, True)
-        return orphans
+        return failed
+
+    def _release_settled(self) -> None:
+        """Free the quota slots of jobs accepted here that became final anywhere."""
+        with self._lock:
+            held = list(self._admitted)
+        for job_id in held:
+            record = self.store.get_job(job_id)
+            if record is None or record.status in FINAL:
+                self._release(job_id)
+
+    def _release(self, job_id: str) -> None:
+        with self._lock:
+            token = self._admitted.pop(job_id, None)
+        if token is not None:
+            token.future.cancel()
 
     def sweep(self) -> int:
         return self.store.sweep(self.ttl_s)
 
     async def keep_state(self) -> None:
-        """Heartbeat (failing jobs of lost replicas), pick up remote cancels, expire old results."""
+        """Lease and run queued jobs; heartbeat (re-queueing lapsed leases), pick up remote cancels,
+        expire old results. Cancelling it stops leasing; a job already leased runs on to its end."""
+        runner = asyncio.ensure_future(self.runner.run())
+        try:
+            await self._keep()
+        finally:
+            runner.cancel()
+
+    async def _keep(self) -> None:
         last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(REPLICA_HEARTBEAT_S)
@@ -297,6 +359,7 @@ class AsyncJobs:
             return self._live.pop(job_id, None)
 
     def _finished(self, job_id: str, status: str, error: str | None, finished: bool) -> bool:
+        self._release(job_id)
         if finished:
             try:
                 self._announce(job_id, status, error)

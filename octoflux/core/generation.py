@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from octoflux.core import metrics
 from octoflux.core.errors import CLIENT_GONE, TIMEOUT, JobCancelled
 from octoflux.core.queue import Job, JobQueue
+from octoflux.core.quotas import admitted
 from octoflux.core.request import Caller, ImageRequest, JobTrace
 from octoflux.core.runtime import Runtime
 from octoflux.core.spec import build_spec, check_loras
@@ -82,21 +83,32 @@ class Generation:
         self.jobs = jobs
         self.request_timeout = request_timeout or None
 
-    async def prepare(self, request: ImageRequest, family: Family | None = None) -> GenerationSpec:
-        """The request as a spec with the served model's defaults; `InvalidField` if unusable."""
+    async def prepare(
+        self, request: ImageRequest, family: Family | None = None, space: str | None = None
+    ) -> GenerationSpec:
+        """The request as a spec with the served model's defaults; `InvalidField` if unusable. LoRA
+        names resolve in `space` (the caller's own assets, `Tenant.asset_space`), then shared ones."""
         self.runtime.check_accepting()
         family = family or self.runtime.served_family()
         spec = await run_in_threadpool(build_spec, request, family)
-        engine = self.runtime.engine
-        serves_loras = engine is not None and engine.loras is not None
-        check_loras(spec.loras, self.runtime.library if serves_loras else None)
-        return spec
+        models = self.runtime.models
+        serves_loras = models is not None and models.engine(family.model_id).loras is not None
+        loras = check_loras(spec.loras, self.runtime.library if serves_loras else None, space)
+        return replace(spec, loras=loras)
 
     async def generate(self, spec: GenerationSpec, caller: Caller, render: Render[Body]) -> Body:
         """Wait for the job (a client that goes away, or the deadline, cancels it), then `render` it."""
         self.runtime.check_accepting()
-        job = self.jobs.submit(
-            spec, api=caller.api, request_id=caller.request_id, timeout=self.request_timeout
+        job = admitted(
+            caller,
+            spec,
+            lambda: self.jobs.submit(
+                spec,
+                api=caller.api,
+                request_id=caller.request_id,
+                timeout=self.request_timeout,
+                owner=caller.owner,
+            ),
         )
         caller.trace.job_id = job.id
         try:

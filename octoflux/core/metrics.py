@@ -16,6 +16,10 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 QUEUE_DEPTH = Gauge("octoflux_queue_depth", "Jobs waiting for the worker, not counting the running one")
 JOBS_IN_FLIGHT = Gauge("octoflux_jobs_in_flight", "Jobs the worker is running now (0 or 1)")
+ASYNC_QUEUED = Gauge(
+    "octoflux_async_jobs_queued",
+    "Async jobs waiting in the state store's queue, for every process sharing it",
+)
 
 REQUEST_SECONDS = Histogram(
     "octoflux_request_seconds",
@@ -64,6 +68,14 @@ def lora_event_recorder() -> Callable[[str, float | None], None]:
             timed[event].observe(seconds)
 
     return record
+
+
+# Per API key, labelled by the key's name, never its secret (octoflux/core/quotas.py).
+KEY_JOBS = Gauge("octoflux_key_jobs", "Jobs waiting or running, by API key name", ["key"])
+KEY_IMAGES = Counter("octoflux_key_images", "Images admitted, by API key name", ["key"])
+KEY_REFUSED = Counter(
+    "octoflux_key_refused", "Requests refused by a key's quota, by key name and limit", ["key", "limit"]
+)
 
 
 def render() -> tuple[bytes, str]:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from octoflux.core.errors import InvalidField
 from octoflux.core.request import ImageRequest
-from octoflux.pipelines.family import FLUX_DEV, FLUX_SCHNELL, Family, family_from_transformer_config
-from octoflux.pipelines.loader import RANDOM_FULL, TINY_SCHNELL
+from octoflux.pipelines.family import FAMILIES, FLUX_KONTEXT_DEV, Family, family_from_transformer_config
+from octoflux.pipelines.loader import RANDOM_FULL
+from octoflux.pipelines.model_list import TINY_FAMILY_MODELS, ModelListError, parse_model_list
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ SUPPORTED_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (512, 512), (576, 1024), (640, 1536), (768, 1024), (768, 1344),
     (832, 1216), (896, 1152), (1024, 576), (1024, 768), (1024, 1024),
     (1152, 896), (1216, 832), (1344, 768), (1536, 640),
+)  # fmt: skip
+# FLUX.1 Kontext was trained at these (diffusers' PREFERRED_KONTEXT_RESOLUTIONS); it renders the above too.
+KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248),
+    (880, 1184), (944, 1104), (1024, 1024), (1104, 944), (1184, 880), (1248, 832),
+    (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
 )  # fmt: skip
 DEFAULT_SIZE = 1024
 DEFAULT_GUIDANCE = 3.5
@@ -52,8 +59,15 @@ TRANSFORMER_CONFIG = "transformer/config.json"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
+def resolutions(family: Family | None) -> tuple[tuple[int, int], ...]:
+    """The sizes a model renders: FLUX.1's, and Kontext's own besides on Kontext."""
+    if family is not None and family.model_id == FLUX_KONTEXT_DEV:
+        return SUPPORTED_RESOLUTIONS + tuple(r for r in KONTEXT_RESOLUTIONS if r not in SUPPORTED_RESOLUTIONS)
+    return SUPPORTED_RESOLUTIONS
+
+
 def resolution_error(width: int | None, height: int | None, family: Family | None = None) -> str:
-    listed = ", ".join(f"{w}x{h}" for w, h in SUPPORTED_RESOLUTIONS)
+    listed = ", ".join(f"{w}x{h}" for w, h in resolutions(family))
     title = family.title if family is not None else "FLUX.1"
     return f"{width}x{height} is not a supported {title} resolution (width x height); use one of: {listed}"
 
@@ -80,31 +94,64 @@ def nearest_resolution(
 
 
 def check_image_inputs(family: Family, request: ImageRequest) -> None:
-    """`InvalidField` naming the first image input a text-to-image-only family (schnell) was sent."""
-    if family.image_inputs:
-        return
-    given = {"init_image": request.init_image, "mask_image": request.mask_image, "strength": request.strength}
-    for name, value in given.items():
-        if value is not None:
-            raise InvalidField(
-                name, f"{name} is not supported: {family.model_id} is text-to-image only; omit it"
-            )
+    """`InvalidField` naming the first image input a model does not take (schnell: none; Kontext: no mask
+    or strength; only Fill outpaints), or the init image it needs (Kontext, Fill)."""
+    given = {
+        "init_image": request.init_image,
+        "mask_image": request.mask_image,
+        "strength": request.strength,
+        "outpaint": request.outpaint,
+    }
+    if not family.image_inputs:
+        refused = ("init_image", "mask_image", "strength", "outpaint")
+        why = "is text-to-image only"
+    elif family.model_id == FLUX_KONTEXT_DEV:
+        refused, why = ("mask_image", "strength", "outpaint"), "edits the whole image by instruction"
+    elif family.needs_image:  # Fill
+        refused, why = (), ""
+    else:
+        refused, why = ("outpaint",), "does not outpaint (FLUX.1-Fill-dev does)"
+    for name in refused:
+        if given[name] is not None:
+            raise InvalidField(name, f"{name} is not supported: {family.model_id} {why}; omit it")
+    if family.needs_image and request.init_image is None:
+        raise InvalidField("init_image", f"init_image is required: {family.model_id} works on an image")
+
+
+def configured_models(model: str) -> list[str] | None:
+    """The model ids `--model` names, from their transformer configs (and model_index.json); None where
+    that needs a model loaded."""
+    try:
+        entries = parse_model_list(model)
+    except ModelListError:
+        return None
+    ids: list[str] = []
+    for entry in entries:
+        model_id = entry.id or configured_family(entry.source)
+        if model_id is None:
+            return None
+        ids.append(model_id)
+    return ids
 
 
 def configured_family(model: str) -> str | None:
     """The family `--model` names, from its transformer config; None where that needs the model loaded."""
-    if model in ("tiny", RANDOM_FULL):
-        return FLUX_DEV
-    if model == TINY_SCHNELL:
-        return FLUX_SCHNELL
+    tiny = {source: model_id for model_id, source in TINY_FAMILY_MODELS.items()}
+    if model in tiny:
+        return tiny[model]
+    if model == RANDOM_FULL:
+        return "flux-dev"
     config = _transformer_config(model)
     if config is None:
         return None
     try:
-        return family_from_transformer_config(json.loads(config.read_text()))
+        index = config.parent.parent / "model_index.json"
+        pipeline_class = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        family = family_from_transformer_config(json.loads(config.read_text()), pipeline_class)
     except (OSError, ValueError) as exc:
         log.warning("could not read %s to tell the model family: %s", config, exc)
         return None
+    return family if family in FAMILIES else None
 
 
 def _transformer_config(model: str) -> Path | None:

@@ -1,7 +1,9 @@
-"""The bounded FIFO between HTTP handlers and the one worker thread that owns the GPU.
+"""The bounded queue between HTTP handlers and the one worker thread that owns the GPU.
 
-Admission (429 with a Retry-After from measured throughput), deadlines, cancellation at the
-next denoising step, and a drain for graceful shutdown all live here.
+Owners (API keys) take turns (`FairQueue`); each owner's jobs run in order. Admission (429 with a
+Retry-After from measured throughput), deadlines, cancellation at the next denoising step, and a
+drain for graceful shutdown all live here. Async jobs wait in the state store and enter this queue
+one at a time when leased (octoflux/core/job_runner.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from octoflux.core.errors import (
     QueueFull,
     ShuttingDown,
 )
+from octoflux.core.fair_queue import FairQueue
 from octoflux.pipelines.engine import (
     Engine,
     GenerationCancelled,
@@ -87,6 +89,7 @@ class Job:
     spec: GenerationSpec
     api: str = "sync"
     request_id: str = ""
+    owner: str | None = None  # whose turn it takes in the queue (None: the anonymous owner)
     deadline: float | None = None  # time.monotonic() after which the job is dropped or interrupted
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future[GenerationResult] = field(default_factory=Future)
@@ -124,17 +127,19 @@ class Job:
         return (self.finished_at or time.monotonic()) - self.started_at
 
 
-def new_job(spec: GenerationSpec, *, api: str, request_id: str, timeout: float | None) -> Job:
+def new_job(
+    spec: GenerationSpec, *, api: str, request_id: str, timeout: float | None, owner: str | None = None
+) -> Job:
     deadline = time.monotonic() + timeout if timeout else None
-    return Job(spec=spec, api=api, request_id=request_id, deadline=deadline)
+    return Job(spec=spec, api=api, request_id=request_id, deadline=deadline, owner=owner)
 
 
 class JobQueue:
-    """FIFO of jobs, consumed by a single worker thread that calls `Engine.generate`."""
+    """Jobs by owner in turn, consumed by a single worker thread that calls `Engine.generate`."""
 
     def __init__(self, max_queue: int):
         self.max_queue = max(1, max_queue)
-        self._pending: deque[Job] = deque()
+        self._pending: FairQueue[Job] = FairQueue()
         self._cond = threading.Condition()
         self._running: Job | None = None
         self._thread: threading.Thread | None = None
@@ -163,10 +168,16 @@ class JobQueue:
         return self._running
 
     def submit(
-        self, spec: GenerationSpec, *, api: str = "sync", request_id: str = "", timeout: float | None = None
+        self,
+        spec: GenerationSpec,
+        *,
+        api: str = "sync",
+        request_id: str = "",
+        timeout: float | None = None,
+        owner: str | None = None,
     ) -> Job:
         """Queue a job, or raise QueueFull / ShuttingDown."""
-        return self.enqueue(new_job(spec, api=api, request_id=request_id, timeout=timeout))
+        return self.enqueue(new_job(spec, api=api, request_id=request_id, timeout=timeout, owner=owner))
 
     def check_room(self) -> None:
         """QueueFull / ShuttingDown now, before anything is stored for a job that cannot be queued."""
@@ -219,7 +230,7 @@ class JobQueue:
         if running is not None and running.started_at is not None:
             left = self.estimate_seconds(running.spec) - (time.monotonic() - running.started_at)
         elif self._pending:
-            left = self.estimate_seconds(self._pending[0].spec)
+            left = self.estimate_seconds(self._pending.peek().spec)
         else:
             left = 1.0
         return min(MAX_RETRY_AFTER, max(1, math.ceil(left)))
@@ -235,7 +246,9 @@ class JobQueue:
             self._thread.start()
 
     def drain(self, timeout: float) -> None:
-        """Graceful shutdown: refuse new jobs, fail the queued ones, let the running one finish.
+        """Graceful shutdown: refuse new jobs, cancel the queued ones, let the running one finish.
+
+        A cancelled async job goes back to the state store's queue (its runner releases it).
 
         The running job is interrupted at its next step if it takes longer than `timeout`
         seconds. Safe to call from several threads; later callers wait for the first.
@@ -244,8 +257,7 @@ class JobQueue:
             first = not self._drain_started
             self._drain_started = True
             self._accepting = False
-            dropped = list(self._pending)
-            self._pending.clear()
+            dropped = self._pending.clear()
             for job in dropped:
                 job.cancel(SHUTDOWN)
                 _settle(job.future, error=JobCancelled(SHUTDOWN, started=False))
@@ -318,6 +330,8 @@ class JobQueue:
             failure = OutOfMemory(str(exc))
         except LoraError as exc:  # the request's fault (a bad or vanished file): a 422, not a crash
             failure = LoraError(exc.name, str(exc))
+        except ShuttingDown as exc:  # the engine is going away under the job (a context-parallel rank lost)
+            failure = ShuttingDown(exc.message)
         except GenerationFailed as exc:
             log.exception("job %s failed", job.id)
             failure = GenerationFailed(str(exc))

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from octoflux.core.quotas import Quota
+    from octoflux.core.tenants import Tenant
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class ImageRequest:
     mask_image: Image.Image | None = None
     strength: float | None = None
     loras: dict[str, float] = field(default_factory=dict)
+    # Pixels to add on each side (left, right, top, bottom): outpainting, on FLUX.1-Fill-dev.
+    outpaint: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -51,6 +58,8 @@ class Caller:
     request_id: str
     api: str  # the metrics label: "sync", "async" or the dialect ("openai")
     owner: str | None = None  # who may read an async result (a hash of the bearer token)
+    tenant: Tenant | None = None  # the API key used; None when the server has no keys
+    quota: Quota | None = None  # that key's limits in this process
     # Returns when the client has gone away (sync requests); None: never.
     client_gone: Callable[[], Awaitable[None]] | None = None
     trace: JobTrace = field(default_factory=JobTrace)

@@ -14,11 +14,12 @@ from functools import cached_property
 
 from octoflux.core.engine_factory import EngineFactory
 from octoflux.core.errors import NotReady, ShuttingDown
-from octoflux.core.models import configured_family
+from octoflux.core.models import configured_models
 from octoflux.core.queue import JobQueue
 from octoflux.pipelines.engine import Engine
 from octoflux.pipelines.family import FAMILIES, Family
 from octoflux.pipelines.loras import LoraCache, LoraLibrary
+from octoflux.pipelines.model_set import ModelSet
 from octoflux.pipelines.warmup import WarmupReport
 from octoflux.pipelines.warmup import warm_up as warm_up_engine
 from octoflux.settings import Settings
@@ -47,7 +48,7 @@ def warm_up(engine: Engine, settings: Settings, jobs: JobQueue) -> WarmupReport:
         settings.warmup_size_list,
         settings.warmup_batch_list,
         settings.warmup_steps,
-        image_modes=engine.family_info.image_inputs,  # schnell serves text-to-image only
+        modes=engine.family_info.modes,  # schnell: text-to-image only; Kontext: edit; Fill: inpaint
     )
     if report.throughput_spec is not None and report.throughput_seconds is not None:
         jobs.observe(report.throughput_spec, report.throughput_seconds)
@@ -62,17 +63,24 @@ class Runtime:
         self.jobs = jobs
         self.library = library
         self._engine_factory = engine_factory
-        self.engine: Engine | None = None
+        self.models: ModelSet | None = None
         self.load_error: str | None = None
         self._ready = threading.Event()
         self._draining = threading.Event()
 
+    @property
+    def engine(self) -> Engine | None:
+        """The first model served (the only one, unless `--model` names several)."""
+        return self.models.default if self.models is not None else None
+
     def load(self) -> None:
-        """Build the engine, warm it up and start the worker; raises when the model cannot load."""
-        engine = self._engine_factory(self.settings, self.library)
-        warm_up(engine, self.settings, self.jobs)
-        self.engine = engine
-        self.jobs.start(engine)
+        """Build every model, warm each up and start the worker; raises when a model cannot load."""
+        built = self._engine_factory(self.settings, self.library)
+        models = built if isinstance(built, ModelSet) else ModelSet.of(built)
+        for engine in models.engines.values():
+            warm_up(engine, self.settings, self.jobs)
+        self.models = models
+        self.jobs.start(models)
         if not self._draining.is_set():  # a SIGTERM during loading wins
             self._ready.set()
 
@@ -125,27 +133,40 @@ class Runtime:
             raise NotReady("model is still loading", retry_after=LOADING_RETRY_AFTER)
 
     @property
+    def families(self) -> dict[str, Family] | None:
+        """What this server serves, by model id, in `--model`'s order: the loaded models, or those its
+        settings name (None: not known until the models have loaded)."""
+        if self.models is not None:
+            return self.models.families
+        if self._configured_models is None:
+            return None
+        return {model_id: FAMILIES[model_id] for model_id in self._configured_models}
+
+    @property
     def family(self) -> Family | None:
-        """What this server serves: the loaded engine's family, or the one its settings name (None: not
-        known until the model has loaded)."""
-        if self.engine is not None:
-            return self.engine.family_info
-        return FAMILIES.get(self._configured_family) if self._configured_family else None
+        """The first model served (None: not known until loaded)."""
+        families = self.families
+        return next(iter(families.values())) if families else None
 
     @cached_property
-    def _configured_family(self) -> str | None:
-        return configured_family(self.settings.model)
+    def _configured_models(self) -> list[str] | None:
+        return configured_models(self.settings.model)
 
-    def served_family(self) -> Family:
-        """The served family; `NotReady` (or why loading failed) while that is not known yet."""
-        family = self.family
-        if family is None:
+    def served_families(self) -> dict[str, Family]:
+        """The served models; `NotReady` (or why loading failed) while they are not known yet."""
+        families = self.families
+        if families is None:
             self.check_accepting()
             raise NotReady("model is still loading", retry_after=LOADING_RETRY_AFTER)
-        return family
+        return families
 
-    def loaded_loras(self) -> LoraCache | None:
-        """The LoRA cache uploads are checked against; `NotReady` while the model loads."""
-        if not self._ready.is_set():
+    def served_family(self) -> Family:
+        """The first served model; `NotReady` (or why loading failed) while that is not known yet."""
+        return next(iter(self.served_families().values()))
+
+    def loaded_loras(self, model_id: str | None = None) -> LoraCache | None:
+        """The LoRA cache a model's LoRAs are checked against (the first model's by default); `NotReady`
+        while the models load."""
+        if not self._ready.is_set() or self.models is None:
             raise NotReady("model is still loading; LoRAs are checked against it", retry_after=5)
-        return self.engine.loras if self.engine is not None else None
+        return self.models.engine(model_id).loras

@@ -15,12 +15,14 @@ import uuid
 from octoflux.assets.service import AssetService
 from octoflux.assets.store import AssetStore
 from octoflux.core.async_jobs import AsyncJobs
-from octoflux.core.engine_factory import EngineFactory, build_engine
+from octoflux.core.engine_factory import EngineFactory, build_models
 from octoflux.core.generation import Generation
 from octoflux.core.links import ResultLinks
 from octoflux.core.queue import JobQueue
+from octoflux.core.quotas import Quotas
 from octoflux.core.runtime import Runtime
 from octoflux.core.spec import ImageLimits
+from octoflux.core.tenants import KeyTable
 from octoflux.pipelines.loras import LoraLibrary
 from octoflux.settings import Settings
 from octoflux.state.store import open_state_store
@@ -31,9 +33,11 @@ SETTLE_S = 5
 
 
 class GenerationService:
-    def __init__(self, settings: Settings, engine_factory: EngineFactory = build_engine):
+    def __init__(self, settings: Settings, engine_factory: EngineFactory = build_models):
         self.settings = settings
         self.replica = uuid.uuid4().hex[:12]
+        self.keys = KeyTable(settings.api_key_list, settings.api_keys_file)
+        self.quotas = Quotas()
         self.jobs = JobQueue(settings.max_queue)
         self.library = LoraLibrary(settings.lora_dir)
         self.limits = ImageLimits(int(settings.max_image_mb * 2**20), settings.max_image_pixels)
@@ -65,8 +69,10 @@ class GenerationService:
             jobs=self.jobs,
             webhooks=self.webhooks,
             webhook_allow_private=settings.webhook_allow_private,
+            max_attempts=settings.max_attempts,
+            lease_s=settings.lease_timeout,
         )
-        self.async_jobs.heartbeat()  # before any job of ours is stored, or it would look orphaned
+        self.async_jobs.heartbeat()  # re-queues at once what a stopped process left leased
 
     # The runtime's state, as probes, the CLI and tests ask for it.
 

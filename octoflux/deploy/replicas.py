@@ -58,10 +58,32 @@ class OctofluxReplica:
         from octoflux.app import create_app
 
         configure_access_log()
-        app = create_app(self.settings)
+        # --context-parallel N: this replica is rank 0 of N processes on this node, one per GPU Ray gave it.
+        self.ranks = None
+        if _gpus_per_replica(self.settings) > 1:
+            from octoflux.deploy.context_parallel import RankGroup
+
+            self.ranks = RankGroup.start(self.settings)
+        app = (
+            create_app(self.settings, self.ranks.engine_factory) if self.ranks else create_app(self.settings)
+        )
         self.service = app.state.service
+        if self.ranks is not None:  # refuse new work at once; check_health then has Ray replace the replica
+            self.ranks.on_lost = lambda reason: threading.Thread(
+                target=self.service.drain, daemon=True
+            ).start()
         register_deployment_metrics(self.service.state)
         return app
+
+    def check_health(self) -> None:
+        """A lost context-parallel rank fails the health check: Ray replaces the whole replica."""
+        if self.ranks is not None and self.ranks.lost_reason is not None:
+            raise RuntimeError(self.ranks.lost_reason)
+
+    def __del__(self) -> None:
+        # Ray Serve calls this after the app's shutdown drained the queue: the other ranks go with it.
+        if getattr(self, "ranks", None) is not None:
+            self.ranks.stop()
 
     async def reconfigure(self, config: dict) -> None:
         """Called once at start (user_config is set for this): the replica joins routing only once
@@ -86,15 +108,26 @@ class OctofluxReplica:
             await asyncio.sleep(REPLICA_HEARTBEAT_S)
 
 
+def _gpus_per_replica(settings: Settings) -> int:
+    """GPUs (CPU slots with --device cpu) each replica holds: --context-parallel's rank count."""
+    from octoflux.pipelines.parallel import parse_layout
+
+    layout = parse_layout(settings.context_parallel)
+    return layout.world if layout is not None else 1
+
+
 def replica_count(settings: Settings, gpus: float) -> int:
-    """--replicas as a number; `auto` is one per GPU Ray sees."""
+    """--replicas as a number; `auto` is one per GPU Ray sees (per N GPUs with --context-parallel N)."""
     if settings.replicas != "auto":
         return int(settings.replicas)
     if settings.device == "cpu":
         raise SystemExit("octoflux: --replicas auto counts GPUs; with --device cpu give a number")
-    if gpus < 1:
-        raise SystemExit("octoflux: --replicas auto found no GPU in the Ray cluster")
-    return int(gpus)
+    per_replica = _gpus_per_replica(settings)
+    if gpus < per_replica:
+        if per_replica == 1:
+            raise SystemExit("octoflux: --replicas auto found no GPU in the Ray cluster")
+        raise SystemExit(f"octoflux: --replicas auto found fewer than {per_replica} GPUs in the Ray cluster")
+    return int(gpus) // per_replica
 
 
 def deployment_options(settings: Settings, replicas: int) -> dict:
@@ -102,7 +135,11 @@ def deployment_options(settings: Settings, replicas: int) -> dict:
     on_cpu = settings.device == "cpu"
     options: dict = {
         "name": DEPLOYMENT_NAME,
-        "ray_actor_options": {"num_cpus": 1} if on_cpu else {"num_gpus": 1},
+        # One actor per replica holding all its ranks' devices: Ray shows it (and the rank processes it
+        # starts) exactly those GPUs, all on one node.
+        "ray_actor_options": {"num_cpus": _gpus_per_replica(settings)}
+        if on_cpu
+        else {"num_gpus": _gpus_per_replica(settings)},
         # A replica holds its running job and --max-queue more; Ray sends it at most --max-queue
         # requests at once (one place of slack: a request still encoding its answer counts for
         # Ray while its job is done), so a full replica is skipped while another has room (Ray's

@@ -185,3 +185,51 @@ def gguf_supported_type_names() -> list[str]:
     from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
 
     return ["F32", "F16", *(kind.name for kind in SUPPORTED_GGUF_QUANT_TYPES)]
+
+
+# ------------------------------------------------------------------ context parallelism
+# Tested with two gloo ranks in tests/unit/pipelines/test_parallel.py (a process group per spawn).
+
+
+def enable_parallelism(transformer, config, cp_plan: dict | None = None) -> None:
+    """`transformer.enable_parallelism(config=..., cp_plan=...)`, also on a machine without an accelerator.
+
+    diffusers' `_resolve_parallel_config` picks the rank's device as
+    `rank % torch.accelerator.device_count()`, a ZeroDivisionError where no accelerator is present
+    (gloo ranks on the CPU); the device it picks is unused there, so the count reads 1 while it runs.
+    """
+    count = torch.accelerator.device_count
+    if count() > 0:
+        transformer.enable_parallelism(config=config, cp_plan=cp_plan)
+        return
+    torch.accelerator.device_count = lambda: 1
+    try:
+        transformer.enable_parallelism(config=config, cp_plan=cp_plan)
+    finally:
+        torch.accelerator.device_count = count
+
+
+def flux_plan_gathering_before_proj_out(transformer) -> dict | None:
+    """FLUX's context-parallel plan (its private `_cp_plan`) with the sequence gathered after `norm_out`
+    instead of after `proj_out`; None for a model without both.
+
+    diffusers gathers the output of `proj_out`. A LoRA on `proj_out` (hot-swap slots, trainers'
+    `final_layer`) makes PEFT wrap it: the gather hook stays on the inner Linear, so the LoRA's delta,
+    computed on this rank's share of the tokens, is added to the gathered whole ("size of tensor a (1024)
+    must match ... (512)"). Gathered one module earlier, `proj_out` and its LoRA see every token.
+    """
+    from diffusers.models._modeling_parallel import ContextParallelOutput
+
+    plan = dict(getattr(transformer, "_cp_plan", None) or {})
+    if "proj_out" not in plan or not hasattr(transformer, "norm_out"):
+        return None
+    del plan["proj_out"]
+    plan["norm_out"] = ContextParallelOutput(gather_dim=1, expected_dims=3)
+    return plan
+
+
+def transformer_forward(transformer, **inputs) -> torch.Tensor:
+    """The transformer's output tensor. Under diffusers' parallel hooks a model must be called with
+    `return_dict=False` (its output hook gathers tensors, not output dataclasses); diffusers' own
+    pipelines do so."""
+    return transformer(**inputs, return_dict=False)[0]

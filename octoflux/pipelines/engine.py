@@ -12,9 +12,18 @@ from PIL import Image
 
 from octoflux.pipelines.errors import GenerationFailed as GenerationFailed  # re-exported
 from octoflux.pipelines.errors import OutOfMemory
-from octoflux.pipelines.family import FAMILIES, detect_family
+from octoflux.pipelines.family import (
+    EDIT,
+    FAMILIES,
+    FLUX_FILL_DEV,
+    FLUX_KONTEXT_DEV,
+    IMG2IMG,
+    INPAINT,
+    TEXT2IMG,
+    detect_family,
+)
 from octoflux.pipelines.inpaint import composite_unmasked
-from octoflux.pipelines.loras import LoraCache
+from octoflux.pipelines.loras import LoraCache, LoraError
 from octoflux.pipelines.prompt_cache import PromptEmbeddingCache, repeat_for_batch
 from octoflux.pipelines.safety import SafetyChecker, SafetyVerdict
 
@@ -26,7 +35,7 @@ class GenerationCancelled(Exception):
 
 
 class ModeNotOffered(ValueError):
-    """The served model family does not offer this mode (schnell: text-to-image only)."""
+    """The model does not offer this mode (schnell: text-to-image only; Kontext: edit; Fill: inpaint)."""
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,17 @@ class GenerationSpec:
     mask_image: Image.Image | None = None
     strength: float = 0.8
     loras: dict[str, float] = field(default_factory=dict)
+    # The served model to run it on (a model id); None: the first one served.
+    model: str | None = None
 
     @property
     def mode(self) -> str:
+        """What the images given ask for; a Kontext model reads an image without a mask as an edit."""
         if self.init_image is None:
-            return "text2img"
-        return "inpaint" if self.mask_image is not None else "img2img"
+            return TEXT2IMG
+        if self.mask_image is not None:
+            return INPAINT
+        return EDIT if self.model == FLUX_KONTEXT_DEV else IMG2IMG
 
 
 @dataclass
@@ -101,29 +115,39 @@ class Engine:
         optimizations=None,
         family: str | None = None,
         safety_checker: SafetyChecker | None = None,
+        prompt_cache: PromptEmbeddingCache | None = None,
     ):
-        from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
-
         self.pipe = pipe
-        # Views over the same modules: no weight is copied. Not `from_pipe`: it casts every shared module
-        # to its `dtype` argument (float32 unless told) and refuses quantized (GGUF) transformers.
-        self.img2img = FluxImg2ImgPipeline(**pipe.components)
-        self.inpaint = FluxInpaintPipeline(**pipe.components)
-        for view in (self.img2img, self.inpaint):
-            view.set_progress_bar_config(disable=True)
-        self.max_batch = max(1, max_batch)
-        self.device = pipe.transformer.device
-        # Adapters on `pipe` (and so on its views); None serves no LoRAs.
-        self.loras = loras
-        # T5 + CLIP outputs of recent prompts; None disables it (the pipeline encodes every time).
-        self.prompt_cache = PromptEmbeddingCache(prompt_cache_size) if prompt_cache_size > 0 else None
-        # What octoflux.pipelines.optimize applied (step cache, compile...); None when nothing was.
-        self.optimizations = optimizations
-        # "flux-dev" or "flux-schnell"; what it offers (modes, default steps) is FAMILIES[family].
+        # flux-dev, flux-schnell, flux-kontext-dev or flux-fill-dev; what it offers is FAMILIES[family].
         self.family = family or detect_family(pipe)
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; known: {sorted(FAMILIES)}")
         self.family_info = FAMILIES[self.family]
+        # dev's image modes are views over the same modules: no weight is copied. Not `from_pipe`: it casts
+        # every shared module to its `dtype` argument (float32 unless told) and refuses GGUF transformers.
+        self.img2img = self.inpaint = None
+        if IMG2IMG in self.family_info.modes:
+            from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline
+
+            self.img2img = FluxImg2ImgPipeline(**pipe.components)
+            self.inpaint = FluxInpaintPipeline(**pipe.components)
+            for view in (self.img2img, self.inpaint):
+                view.set_progress_bar_config(disable=True)
+        self.max_batch = max(1, max_batch)
+        if self.family == FLUX_FILL_DEV:
+            # FluxFillPipeline samples the masked picture's latents with the first generator of a batch
+            # only: batched, image k would differ from its seed alone. One image per call keeps seeds exact.
+            self.max_batch = 1
+        self.device = pipe.transformer.device
+        # Adapters on `pipe` (and so on its views); None serves no LoRAs.
+        self.loras = loras
+        # T5 + CLIP outputs of recent prompts, shared by models whose encoders are the same objects;
+        # None disables it (the pipeline encodes every time).
+        if prompt_cache is None and prompt_cache_size > 0:
+            prompt_cache = PromptEmbeddingCache(prompt_cache_size)
+        self.prompt_cache = prompt_cache
+        # What octoflux.pipelines.optimize applied (step cache, compile...); None when nothing was.
+        self.optimizations = optimizations
         # Screens every decoded image once per request; None serves images unchecked.
         self.safety_checker = safety_checker
 
@@ -132,11 +156,15 @@ class Engine:
     ) -> GenerationResult:
         """Run one request, in batches of at most `max_batch` images."""
         started = time.perf_counter()
-        if spec.mode not in self.family_info.modes:
-            raise ModeNotOffered(f"{self.family} offers {', '.join(self.family_info.modes)}, not {spec.mode}")
+        mode = self.mode_of(spec)
+        if mode not in self.family_info.modes:
+            raise ModeNotOffered(f"{self.family} offers {', '.join(self.family_info.modes)}, not {mode}")
         if self.loras is not None:
             # Every job sets its own LoRA set (none active when it names none) before it runs.
-            self.loras.activate(spec.loras)
+            try:
+                self.loras.activate(spec.loras)
+            except LoraError as exc:  # a LoRA made for another model of the family: say which model
+                raise type(exc)(exc.name, f"{exc} (on {self.family})") from exc
         images: list[Image.Image] = []
         try:
             batches = range(0, len(spec.seeds), self.max_batch)
@@ -144,13 +172,19 @@ class Engine:
                 batch_seeds = spec.seeds[first : first + self.max_batch]
                 progress = _step_reporter(on_step, spec, index, len(batches))
                 images.extend(self._run_batch(spec, batch_seeds, should_stop, progress))
-            if spec.mode == "inpaint":
+            if mode == INPAINT:
                 images = [composite_unmasked(img, spec.init_image, spec.mask_image) for img in images]
             safety = self._screen(images)
         except torch.OutOfMemoryError as exc:
             self.free_memory()
             raise OutOfMemory(str(exc).splitlines()[0]) from exc
         return GenerationResult(images=images, seconds=time.perf_counter() - started, safety=safety)
+
+    def mode_of(self, spec: GenerationSpec) -> str:
+        """The spec's mode on this model: Kontext edits the image it is given."""
+        if spec.mode == IMG2IMG and EDIT in self.family_info.modes:
+            return EDIT
+        return spec.mode
 
     def _screen(self, images: list[Image.Image]) -> list[SafetyVerdict] | None:
         """Check the final images in one batch; flagged ones are replaced by black, as OctoAI did."""
@@ -186,12 +220,16 @@ class Engine:
             output_type="pt",
             callback_on_step_end=stop_between_steps,
         )
-        if spec.mode == "text2img":
-            pipe = self.pipe
-        else:
-            pipe = self.img2img if spec.mode == "img2img" else self.inpaint
+        mode = self.mode_of(spec)
+        pipe = self.pipe
+        if mode == EDIT:
+            # Kontext rescales its output to `max_area` at the asked aspect: the asked size's area keeps it.
+            kwargs.update(image=spec.init_image, max_area=spec.width * spec.height)
+        elif mode != TEXT2IMG:
+            if self.img2img is not None:  # dev; Fill inpaints with its own pipeline
+                pipe = self.img2img if mode == IMG2IMG else self.inpaint
             kwargs.update(image=spec.init_image, strength=spec.strength)
-            if spec.mode == "inpaint":
+            if mode == INPAINT:
                 kwargs["mask_image"] = spec.mask_image
         with torch.inference_mode():
             # Encode after anything that changes the text encoders (LoRA activation) has run.
@@ -206,8 +244,10 @@ class Engine:
             return dict(prompt=spec.prompt)
         # By file hash and weight, so a replaced LoRA file never serves stale embeddings.
         lora_key = self.loras.text_encoder_key if self.loras is not None else ()
+        # The encoders' identity too: models that do not share them do not share entries.
+        encoders = (id(pipe.text_encoder), id(pipe.text_encoder_2))
         embeds, pooled = self.prompt_cache.embeddings(
-            pipe, spec.prompt, lora_key, max_sequence_length=self.family_info.max_sequence_length
+            pipe, spec.prompt, (encoders, lora_key), max_sequence_length=self.family_info.max_sequence_length
         )
         return repeat_for_batch(embeds, pooled, images)
 

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import torch
 
+from octoflux.pipelines.model_list import TINY_FAMILY as TINY_FAMILY
+from octoflux.pipelines.model_list import TINY_MODELS
+from octoflux.pipelines.model_list import TINY_SCHNELL as TINY_SCHNELL
 from octoflux.pipelines.tiny import tiny_checkpoint_is_complete, write_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
 RANDOM_FULL = "random-full"
-TINY_SCHNELL = "tiny-schnell"
+PIPELINE_CLASSES = ("FluxPipeline", "FluxKontextPipeline", "FluxFillPipeline")
 # The subfolders of a diffusers-format FLUX.1 checkpoint.
 FLUX_COMPONENTS = (
     "scheduler",
@@ -55,7 +58,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def ensure_tiny_checkpoint(cache_dir: Path, variant: str = "dev") -> Path:
     """Write the tiny checkpoint once; later calls reuse it."""
-    if not tiny_checkpoint_is_complete(cache_dir):
+    if not tiny_checkpoint_is_complete(cache_dir, variant):
         log.info("writing the tiny random-weight FLUX (%s) checkpoint to %s", variant, cache_dir)
         staging = cache_dir.with_name(cache_dir.name + ".partial")
         write_tiny_checkpoint(staging, variant)
@@ -69,12 +72,43 @@ def ensure_tiny_checkpoint(cache_dir: Path, variant: str = "dev") -> Path:
 
 def model_source(model: str, tiny_dir: Path) -> str:
     """Turn `--model` into what diffusers loads: a folder, a file, or a hub id."""
-    if model == "tiny":
+    variant = TINY_MODELS.get(model)
+    if variant == "dev":
         return str(ensure_tiny_checkpoint(tiny_dir))
-    if model == TINY_SCHNELL:
+    if variant is not None:
         # Beside the tiny dev (tiny-flux -> tiny-flux-schnell), so rebuilding one never removes the other.
-        return str(ensure_tiny_checkpoint(tiny_dir.with_name(tiny_dir.name + "-schnell"), "schnell"))
+        return str(ensure_tiny_checkpoint(tiny_dir.with_name(f"{tiny_dir.name}-{variant}"), variant))
     return model
+
+
+def pipeline_class_name(source: str) -> str:
+    """The FLUX pipeline class a folder's (or cached hub id's) model_index.json names; FluxPipeline
+    where it names none of the three served."""
+    index = _model_index(source)
+    name = index.get("_class_name") if index else None
+    return name if name in PIPELINE_CLASSES else "FluxPipeline"
+
+
+def _model_index(source: str) -> dict | None:
+    import json
+
+    path = Path(source).expanduser() / "model_index.json"
+    if not path.is_file():
+        if Path(source).expanduser().exists() or source.count("/") != 1:
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(source, "model_index.json")
+        except Exception:
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -137,8 +171,12 @@ def load_flux_pipeline(
     transformer_file: str = "",
     optimize: str = "none",
     text_encoder_file: str = "",
+    shared: dict | None = None,
 ):
     """Load a FluxPipeline from random-full, a diffusers folder, a single-file checkpoint, or a hub id.
+
+    A folder or hub id loads as the pipeline class its model_index.json names (Kontext, Fill); `shared`
+    are already loaded components (by pipeline name) it takes instead of reading its own.
 
     With `offload` the pipeline stays on the CPU: octoflux.pipelines.optimize installs the offload hooks.
     `quantize` quantizes the transformer and T5 weights while loading (see octoflux.pipelines.optimize).
@@ -150,9 +188,10 @@ def load_flux_pipeline(
     from octoflux.pipelines.optimize import loading_quantization_config
 
     _progress_as_log_lines()
+    shared = shared or {}
     if transformer_file or text_encoder_file:
         files = _load_files(source, transformer_file, text_encoder_file, dtype, optimize, quantize)
-        return _from_pretrained(source, device, dtype, offload, **files)
+        return _from_pretrained(source, device, dtype, offload, **shared, **files)
     if source == RANDOM_FULL:
         return _random_full(device if offload == "none" else torch.device("cpu"), dtype, quantize)
     path = Path(source)
@@ -170,18 +209,20 @@ def load_flux_pipeline(
             f"--model {source!r} is neither 'tiny', 'random-full', a folder, a file nor a hub id"
         )
     quantization = loading_quantization_config(quantize, dtype)
-    return _from_pretrained(source, device, dtype, offload, quantization_config=quantization)
+    return _from_pretrained(source, device, dtype, offload, quantization_config=quantization, **shared)
 
 
 def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, offload: str, **given):
-    """FluxPipeline.from_pretrained, logging each component it loads (components in `given` are not read)."""
-    from diffusers import FluxPipeline
+    """`from_pretrained` of the folder's pipeline class, logging each component it loads (components in
+    `given` are not read)."""
+    import diffusers
 
     from octoflux.pipelines.load_progress import ComponentProgress
 
+    pipeline_class = getattr(diffusers, pipeline_class_name(source))
     try:
         with ComponentProgress(source):
-            pipe = FluxPipeline.from_pretrained(source, dtype=dtype, **given)
+            pipe = pipeline_class.from_pretrained(source, dtype=dtype, **given)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load FLUX from {source!r}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)

@@ -167,6 +167,54 @@ def count_weights(source: str, transformer_file: str = "", text_encoder_file: st
     return _hub_folder_weights(source)
 
 
+@dataclass
+class SetWeights:
+    """The weights of several models, each shared component counted once."""
+
+    weights: Weights
+    # model label -> {component: the label of the model whose copy it uses}
+    shared: dict[str, dict[str, str]] = field(default_factory=dict)
+    # what the shared copies would have taken: floating-point elements and other bytes
+    shared_elements: int = 0
+    shared_other_bytes: int = 0
+
+    def describe(self) -> str:
+        """`text_encoder, vae loaded once (flux-fill-dev uses flux-dev's)`, or "nothing shared"."""
+        components = sorted({c for taken in self.shared.values() for c in taken})
+        if not components:
+            return "nothing shared"
+        users = ", ".join(self.shared)
+        owners = sorted({owner for taken in self.shared.values() for owner in taken.values()})
+        return f"{', '.join(components)} loaded once ({users} use {', '.join(owners)}'s)"
+
+
+def count_model_set(models: list[tuple[str, str, str]]) -> SetWeights | None:
+    """Weights of (label, source, transformer file) models served together, or None where headers are not
+    at hand. A text encoder or VAE whose files have the names and sizes of one already counted is counted
+    once: loading shares it when its hash matches too (octoflux.pipelines.shared_components)."""
+    from octoflux.pipelines.shared_components import Fingerprint, component_folder
+
+    total = SetWeights(Weights())
+    seen: dict[tuple[str, tuple], str] = {}
+    for index, (label, source, transformer_file) in enumerate(models):
+        weights = count_weights(source, transformer_file)
+        if weights is None:
+            return None
+        for component, floats in weights.float_elements.items():
+            other = weights.other_bytes.get(component, 0)
+            folder = component_folder(source, component) if component != "transformer" else None
+            key = (component, Fingerprint.of(folder).sizes) if folder is not None else None
+            if key is not None and key in seen:
+                total.shared.setdefault(label, {})[component] = seen[key]
+                total.shared_elements += floats
+                total.shared_other_bytes += other
+                continue
+            if key is not None:
+                seen[key] = label
+            total.weights.add(component if index == 0 else f"{label} {component}", floats, other)
+    return total
+
+
 def _base_weights(source: str, replaced: set[str]) -> Weights | None:
     """Every component of a base folder (or cached hub id) but those files replace."""
     from huggingface_hub import try_to_load_from_cache
@@ -203,7 +251,9 @@ def estimate(
     components = {}
     for name, floats in weights.float_elements.items():
         per_weight = element_bytes
-        if quantize != "none" and weights.quantized_while_loading and name in QUANTIZED_COMPONENTS:
+        # Several models: "flux-kontext-dev transformer" is a transformer too.
+        component = name.rpartition(" ")[2]
+        if quantize != "none" and weights.quantized_while_loading and component in QUANTIZED_COMPONENTS:
             per_weight = min(element_bytes, QUANTIZED_BYTES_PER_WEIGHT[quantize])
         components[name] = int(floats * per_weight) + weights.other_bytes.get(name, 0)
     total = sum(components.values())
@@ -307,6 +357,25 @@ def check_model_fits(
         quantize = "random"  # not a way out: random-full is built whole before it is quantized
     check_fits(need, device, dtype, quantize, offload, device_free=device_free, host_free=host_free)
     return need
+
+
+def check_set_fits(
+    models: list[tuple[str, str, str]],
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str = "none",
+    device_free: int | None = None,
+) -> tuple[MemoryEstimate, str] | None:
+    """`check_model_fits` for several models served together: (the estimate, what sharing saves, in words);
+    None where not estimable."""
+    counted = count_model_set(models)
+    if counted is None:
+        return None
+    need = estimate(counted.weights, dtype, quantize)
+    check_fits(need, device, dtype, quantize, device_free=device_free)
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    saved = counted.shared_elements * element_bytes + counted.shared_other_bytes
+    return need, f"{len(models)} models; {counted.describe()}; {_gb(saved)} saved by sharing"
 
 
 def count_flux_dev_with_file(file_format: str) -> Weights:

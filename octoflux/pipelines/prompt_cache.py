@@ -29,7 +29,7 @@ class PromptEmbeddingCache:
         self, pipe, prompt: str, extra_key: Hashable = (), max_sequence_length: int = 512
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds, pooled_prompt_embeds) for one image of `prompt`, from the cache or encoded now."""
-        key = (prompt, extra_key)
+        key = (prompt, extra_key, max_sequence_length)
         found = self._entries.get(key)
         if found is not None:
             self.hits += 1

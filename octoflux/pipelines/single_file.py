@@ -53,6 +53,12 @@ def check_transformer_file(
         raise found.error(
             f"--quantize {quantize} quantizes a folder's weights; a transformer file is served as stored"
         )
+    if optimize == "compile" and found.format == "gguf":
+        # diffusers' GGUFParameter cannot be traced by dynamo (torch 2.13, diffusers 0.42; compat test).
+        raise found.error(
+            "--optimize compile cannot trace a GGUF transformer (torch.compile does not support diffusers' "
+            "GGUF tensors); serve it without --optimize, or use a bf16 or fp8 file"
+        )
     if optimize in GGUF_OPTIMIZE_REFUSED and (found.format == "gguf" or found.is_fp8):
         raise found.error(
             f"--optimize {optimize} requantizes the transformer's linears to fp8; use it with a bf16 file, "

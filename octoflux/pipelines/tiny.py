@@ -1,10 +1,11 @@
-"""A tiny random-weight FLUX.1-dev (or schnell), written to disk in diffusers format.
+"""A tiny random-weight FLUX.1-dev (or schnell, Kontext, Fill), written to disk in diffusers format.
 
 Same structure as FLUX.1-dev (VAE scale factor 8, 16 latent channels packed 2x2 into 64
 transformer channels, guidance embedding, CLIP + T5 encoders, flow-matching scheduler with
 dynamic shifting) with widths small enough that a 1024x1024 image takes about a second on a CPU.
 Tokenizers are built offline, so nothing is downloaded. The schnell variant differs as
-FLUX.1-schnell does: no guidance embedding and a fixed-shift scheduler.
+FLUX.1-schnell does: no guidance embedding and a fixed-shift scheduler. Kontext is dev's transformer
+under FluxKontextPipeline; Fill's transformer reads 384 channels.
 """
 
 from __future__ import annotations
@@ -73,34 +74,68 @@ def _t5_tokenizer():
     )
 
 
-VARIANTS = ("dev", "schnell")
+VARIANTS = ("dev", "schnell", "kontext", "fill")
+PIPELINE_CLASSES = {
+    "dev": "FluxPipeline",
+    "schnell": "FluxPipeline",
+    "kontext": "FluxKontextPipeline",
+    "fill": "FluxFillPipeline",
+}
+# Written beside model_index.json; a cached tiny folder of another version is rebuilt.
+TINY_VERSION = 2
+VERSION_FILE = "octoflux-tiny.json"
+# Seeds of each variant's own transformer; the encoders, tokenizers and VAE are the same in every variant.
+TRANSFORMER_SEEDS = {"schnell": 1, "kontext": 2, "fill": 3}
+# Random init barely lets Kontext's picture tokens (or Fill's kept area) reach the generated tokens through
+# attention: a mirrored input moved no pixel by more than 1/255. Louder attention values and output make a
+# mirrored input change ~90% of Kontext's pixels and ~70% of Fill's repainted ones.
+CONDITIONING_VALUE_SCALE = 32.0
+CONDITIONING_OUTPUT_SCALE = 8.0
 
 
-def build_tiny_pipeline(variant: str = "dev"):
-    """Build the tiny FluxPipeline in memory with deterministic random weights."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown tiny variant {variant!r}; choose one of {VARIANTS}")
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+def _transformer(variant: str):
+    from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(TINY_SEED)
-    transformer = FluxTransformer2DModel(
+    fill = variant == "fill"
+    return FluxTransformer2DModel(
         patch_size=1,
-        in_channels=64,
+        # Fill reads the noise (64), the masked picture (64) and the 8x8-packed mask (256) side by side.
+        in_channels=384 if fill else 64,
+        out_channels=64,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=TEXT_WIDTH,
         pooled_projection_dim=TEXT_WIDTH,
-        guidance_embeds=variant == "dev",
+        guidance_embeds=variant != "schnell",
         axes_dims_rope=(4, 6, 6),
     )
+
+
+def _strengthen(transformer) -> None:
+    """Make the input picture matter to a random-weight Kontext or Fill (see the constants above)."""
+    with torch.no_grad():
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            block.attn.to_v.weight.mul_(CONDITIONING_VALUE_SCALE)
+        transformer.proj_out.weight.mul_(CONDITIONING_OUTPUT_SCALE)
+
+
+def build_tiny_pipeline(variant: str = "dev"):
+    """Build the tiny pipeline of `variant` in memory with deterministic random weights.
+
+    Every variant has the same text encoders, tokenizers and VAE (bit for bit), as FLUX.1's do, so a
+    server serving several shares them; dev's weights are those of earlier versions.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}; choose one of {VARIANTS}")
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(TINY_SEED)
+    # Built first whatever the variant, so the random stream reaches the shared components in one state.
+    transformer = _transformer("dev")
     # mid_block_add_attention=False: the mid-block self-attention is quadratic in latent
     # positions and would make a 1024x1024 decode ~7x slower on a CPU.
     vae = AutoencoderKL(
@@ -147,6 +182,11 @@ def build_tiny_pipeline(variant: str = "dev"):
             decoder_start_token_id=0,
         )
     )
+    if variant != "dev":
+        torch.manual_seed(TRANSFORMER_SEEDS[variant])
+        transformer = _transformer(variant)
+        if variant in ("kontext", "fill"):
+            _strengthen(transformer)
     # FLUX.1-schnell's scheduler config: a fixed shift of 1.0, no resolution-dependent shift.
     schnell = variant == "schnell"
     scheduler = FlowMatchEulerDiscreteScheduler(
@@ -160,7 +200,8 @@ def build_tiny_pipeline(variant: str = "dev"):
     )
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer = _clip_tokenizer(Path(workdir))
-    return FluxPipeline(
+    pipeline_class = getattr(diffusers, PIPELINE_CLASSES[variant])
+    return pipeline_class(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -176,10 +217,18 @@ def write_tiny_checkpoint(directory: str | Path, variant: str = "dev") -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     build_tiny_pipeline(variant).save_pretrained(directory, safe_serialization=True)
+    (directory / VERSION_FILE).write_text(json.dumps({"version": TINY_VERSION, "variant": variant}))
     return directory
 
 
-def tiny_checkpoint_is_complete(directory: Path) -> bool:
-    return (directory / "model_index.json").is_file() and (
-        directory / "transformer" / "config.json"
-    ).is_file()
+def tiny_checkpoint_is_complete(directory: Path, variant: str | None = None) -> bool:
+    """Written whole, by this version of the builder (for `variant`, when given)."""
+    try:
+        written = json.loads((directory / VERSION_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        written.get("version") == TINY_VERSION
+        and variant in (None, written.get("variant"))
+        and (directory / "transformer" / "config.json").is_file()
+    )

@@ -28,12 +28,12 @@ FP8_KINDS = {"F8_E4M3", "F8_E5M2"}
 BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
 DIFFUSERS_MARKER = "transformer_blocks.0.attn.add_q_proj.weight"
 # Families the tensors (or, for Kontext, the file's metadata or name) say a file is.
-SERVED_FAMILIES = ("flux-dev", "flux-schnell")
+SERVED_FAMILIES = ("flux-dev", "flux-schnell", "flux-kontext-dev", "flux-fill-dev")
 FAMILY_TITLES = {
     "flux-dev": "FLUX.1-dev",
     "flux-schnell": "FLUX.1-schnell",
-    "flux-kontext": "FLUX.1 Kontext",
-    "flux-fill": "FLUX.1 Fill",
+    "flux-kontext-dev": "FLUX.1 Kontext",
+    "flux-fill-dev": "FLUX.1 Fill",
     "flux-depth": "FLUX.1 Depth/Canny",
 }
 
@@ -190,12 +190,12 @@ def detect_family(found: TransformerFile) -> str:
     image_in = found.bfl_key("img_in.weight") if bfl else found.tensors.get("x_embedder.weight")
     image_out = found.bfl_key("final_layer.linear.weight") if bfl else found.tensors.get("proj_out.weight")
     if image_in and image_out and image_in.shape[1] == 6 * image_out.shape[0]:
-        return "flux-fill"  # latents + masked-image latents + the 8x8-packed mask
+        return "flux-fill-dev"  # latents + masked-image latents + the 8x8-packed mask
     if image_in and image_out and image_in.shape[1] == 2 * image_out.shape[0]:
         return "flux-depth"  # latents + control-image latents
     described = " ".join([found.path.name, *found.metadata.values()]).lower()
     if "kontext" in described:
-        return "flux-kontext"
+        return "flux-kontext-dev"
     guided = found.bfl_key("guidance_in.in_layer.weight") if bfl else None
     guided = guided or found.tensors.get("time_text_embed.guidance_embedder.linear_1.weight")
     return "flux-dev" if guided else "flux-schnell"
@@ -206,7 +206,7 @@ def check_served(found: TransformerFile) -> str:
     family = detect_family(found)
     if family not in SERVED_FAMILIES:
         raise found.error(
-            f"a {FAMILY_TITLES[family]} transformer: not served yet (only FLUX.1-dev and -schnell)"
+            f"a {FAMILY_TITLES[family]} transformer: not served yet (FLUX.1-dev, -schnell, Kontext, Fill are)"
         )
     return family
 
@@ -231,9 +231,14 @@ def check_matches_base(found: TransformerFile, config: dict, base: str) -> None:
     """Every tensor of the base config's transformer, of the same shape, and nothing else."""
     from diffusers import FluxTransformer2DModel
 
+    from octoflux.pipelines.family import family_from_transformer_config
+    from octoflux.pipelines.loader import pipeline_class_name
+
     file_family = detect_family(found)
-    base_family = "flux-dev" if config.get("guidance_embeds") else "flux-schnell"
-    if file_family in SERVED_FAMILIES and file_family != base_family:
+    base_family = family_from_transformer_config(config, pipeline_class_name(base))
+    # Kontext has dev's tensors: a file not named Kontext is taken for one on a Kontext base.
+    same = file_family == base_family or (file_family, base_family) == ("flux-dev", "flux-kontext-dev")
+    if file_family in SERVED_FAMILIES and not same:
         raise found.error(
             f"a {FAMILY_TITLES[file_family]} transformer, but --model {base} is "
             f"{FAMILY_TITLES[base_family]}'s config; use a base of the same family"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from octoflux.pipelines.engine import Engine, GenerationSpec
+from octoflux.pipelines.family import EDIT, IMG2IMG, INPAINT, TEXT2IMG
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,13 @@ def warm_up(
     *,
     batches_at_every_size: bool | None = None,
     image_modes: bool = True,
+    modes: tuple[str, ...] | None = None,
     on_run: Callable[[WarmupRun], None] | None = None,
 ) -> WarmupReport:
     """Text-to-image at every size (batch 1), then every batch size, then img2img and inpaint once.
+
+    `modes` are the model's (default: text-to-image, plus img2img and inpaint with `image_modes`); a model
+    without text-to-image (Kontext, Fill) warms its first mode at every size instead.
 
     Batch sizes above 1 run at the largest size only when the compiled blocks take dynamic
     shapes (one graph then serves every size at that batch), at every size otherwise
@@ -112,29 +117,44 @@ def warm_up(
             on_run(done)
         return done
 
+    if modes is None:
+        modes = (TEXT2IMG, IMG2IMG, INPAINT) if image_modes else (TEXT2IMG,)
+    first, *others = modes
     base = dict(prompt=WARMUP_PROMPT, steps=steps, guidance=WARMUP_GUIDANCE)
     last_clean: GenerationSpec | None = None
     for index, (width, height) in enumerate(report.sizes):
         for batch in report.batches:
             if batch > 1 and index > 0 and not batches_at_every_size:
                 continue
-            spec = GenerationSpec(**base, width=width, height=height, seeds=list(range(1, batch + 1)))
+            seeds = list(range(1, batch + 1))
+            spec = GenerationSpec(
+                **base, width=width, height=height, seeds=seeds, **_images(first, width, height)
+            )
             done = run(spec)
             if batch == 1 and done.compiles == 0:
                 last_clean, report.throughput_seconds = spec, done.seconds
     if last_clean is None:
         # Every size compiled on its run: time one more at the smallest, now warm.
         width, height = report.sizes[-1]
-        last_clean = GenerationSpec(**base, width=width, height=height, seeds=[1])
+        last_clean = GenerationSpec(
+            **base, width=width, height=height, seeds=[1], **_images(first, width, height)
+        )
         report.throughput_seconds = run(last_clean).seconds
     report.throughput_spec = last_clean
-    if image_modes:
+    for mode in others:
         width, height = report.sizes[0]
-        image = Image.new("RGB", (width, height), (127, 127, 127))
-        mask = Image.new("L", (width, height), 255)
-        for extra in ({"init_image": image}, {"init_image": image, "mask_image": mask}):
-            run(GenerationSpec(**base, width=width, height=height, seeds=[1], **extra))
+        run(GenerationSpec(**base, width=width, height=height, seeds=[1], **_images(mode, width, height)))
     report.seconds = time.perf_counter() - started
     report.compiles = compile_count() - compiled_before
     log.info("%s", report.summary())
     return report
+
+
+def _images(mode: str, width: int, height: int) -> dict:
+    """The image inputs of a warm-up spec in `mode` (a Kontext edit is an init image without a mask)."""
+    if mode == TEXT2IMG:
+        return {}
+    image = Image.new("RGB", (width, height), (127, 127, 127))
+    if mode in (IMG2IMG, EDIT):
+        return {"init_image": image}
+    return {"init_image": image, "mask_image": Image.new("L", (width, height), 255)}

@@ -16,7 +16,7 @@ class JobRecord:
     owner: str | None  # sha256 of the bearer token that created it; None when auth is off
     request_id: str
     created_at: float  # unix seconds
-    replica: str  # the process that holds (queued or runs) the job
+    replica: str  # the process that accepted the job, then the one holding its lease
     status: str = PENDING
     encoding: str = "png"
     error: str | None = None
@@ -24,6 +24,18 @@ class JobRecord:
     finished_at: float | None = None  # unix seconds
     webhook_url: str | None = None
     result_url: str | None = None  # absolute URL of the result, which the completed webhook carries
+    attempts: int = 0  # leases taken so far; each is one run of the job
+    lease_until: float | None = None  # unix seconds; set while a process holds the job
+    idempotency_key: str | None = None  # the client's Idempotency-Key, unique per owner
+    request_hash: str | None = None  # what the key was sent with: a reuse with another body is refused
+
+
+@dataclass
+class LeasedJob:
+    """A queued job a process took: its record and the stored request to run."""
+
+    record: JobRecord
+    request: bytes
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""The Redis state store: keys under one prefix, for replicas on several nodes."""
+"""The Redis state store: keys under one prefix, for replicas on several nodes.
+
+The job queue: a sorted set of waiting job ids per owner (by creation time), a sorted set of the owners
+with jobs waiting (by the turn each was last served, 0 for never: the lowest goes next), and a sorted set
+of lease deadlines that any process scans for lapsed leases. Every step is one Lua script.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,12 @@ import functools
 import json
 import time
 
-from octoflux.state.records import FAILED, FINAL, PENDING, RUNNING, Delivery, JobRecord
+from octoflux.state.records import FAILED, FINAL, PENDING, RUNNING, Delivery, JobRecord, LeasedJob
 from octoflux.state.store import (
     DELIVERY_FIELDS,
     EVENTS_KEPT,
     JOB_FIELDS,
-    ORPHAN_ERROR_STATUS,
+    LOST_ERROR_STATUS,
     RecordNotFound,
     StateStore,
     StateStoreError,
@@ -35,39 +40,131 @@ if redis.call('HGET', KEYS[1], 'status') ~= '{PENDING}' then return 0 end
 redis.call('HSET', KEYS[1], 'status', '{RUNNING}')
 return 1
 """
-# KEYS: job, body, active zset, finished zset. ARGV: id, has body, body, finished_at, field/value pairs.
+# KEYS: job, body, active zset, finished zset, leases zset, request, queue key prefix.
+# ARGV: id, has body, body, finished_at, field/value pairs.
 _LUA_FINISH = f"""
 local final = {_FINAL_LUA}
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or final[status] then return 0 end
-redis.call('HDEL', KEYS[1], 'error', 'error_status')
+redis.call('HDEL', KEYS[1], 'error', 'error_status', 'lease_until')
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[3]) end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('DEL', KEYS[6])
+redis.call('ZREM', KEYS[7] .. (redis.call('HGET', KEYS[1], 'owner') or ''), ARGV[1])
 return 1
 """
-# KEYS: active zset, replicas hash, finished zset. ARGV: cutoff, now, reason, job key prefix, error status.
-_LUA_FAIL_ORPHANS = f"""
-local failed = {{}}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local key = ARGV[4] .. id
-  local job = redis.call('HMGET', key, 'status', 'replica')
-  if job[1] ~= '{PENDING}' and job[1] ~= '{RUNNING}' then
-    redis.call('ZREM', KEYS[1], id)
+# Puts job `id` (hash at `key`) back in its owner's queue; the owner keeps its turn. An owner never
+# served scores below every turn, ordered by when its job came (as SQLite orders them).
+_LUA_REQUEUE = """
+local function requeue(id, key, queues, owners, turns)
+  local job = redis.call('HMGET', key, 'owner', 'created_at')
+  local owner = job[1] or ''
+  redis.call('ZADD', queues .. owner, job[2], id)
+  local turn = redis.call('HGET', turns, owner) or (tonumber(job[2]) - 1e12)
+  redis.call('ZADD', owners, 'NX', turn, owner)
+end
+"""
+# KEYS: job, request, active zset, idempotency key. ARGV: id, created_at, request, oldest kept finish,
+# queue key prefix, owners zset, turns hash, job key prefix, field/value pairs. Returns the job's id.
+_LUA_ENQUEUE = (
+    _LUA_REQUEUE
+    + """
+local held = KEYS[4] ~= '' and redis.call('GET', KEYS[4])
+if held then
+  local finished = redis.call('HGET', ARGV[8] .. held, 'finished_at')
+  if redis.call('EXISTS', ARGV[8] .. held) == 1 and (not finished or tonumber(finished) >= tonumber(ARGV[4]))
+  then return held end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1]) end
+requeue(ARGV[1], KEYS[1], ARGV[5], ARGV[6], ARGV[7])
+return ARGV[1]
+"""
+)
+# KEYS: owners zset, turns hash, turn counter, leases zset. ARGV: lease end, replica, queue key prefix,
+# job key prefix, request key prefix. Returns {job hash as a flat list, request} or nothing.
+_LUA_LEASE = f"""
+while true do
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+  if #first == 0 then return false end
+  local owner = first[1]
+  local queue = ARGV[3] .. owner
+  local next = redis.call('ZRANGE', queue, 0, 0)
+  if #next == 0 then
+    redis.call('ZREM', KEYS[1], owner)
   else
-    local beat = redis.call('HGET', KEYS[2], job[2])
-    if not beat or tonumber(beat) < tonumber(ARGV[1]) then
-      redis.call('HSET', key, 'status', '{FAILED}', 'error', ARGV[3], 'error_status', ARGV[5],
-                 'finished_at', ARGV[2])
-      redis.call('ZREM', KEYS[1], id)
-      redis.call('ZADD', KEYS[3], ARGV[2], id)
+    local id = next[1]
+    redis.call('ZREM', queue, id)
+    if redis.call('ZCARD', queue) == 0 then redis.call('ZREM', KEYS[1], owner) end
+    local key = ARGV[4] .. id
+    local job = redis.call('HMGET', key, 'status', 'lease_until')
+    if job[1] == '{PENDING}' and not job[2] then
+      local turn = redis.call('INCR', KEYS[3])
+      redis.call('HSET', KEYS[2], owner, turn)
+      redis.call('ZADD', KEYS[1], 'XX', turn, owner)
+      redis.call('HSET', key, 'replica', ARGV[2], 'lease_until', ARGV[1])
+      redis.call('HINCRBY', key, 'attempts', 1)
+      redis.call('ZADD', KEYS[4], ARGV[1], id)
+      return {{redis.call('HGETALL', key), redis.call('GET', ARGV[5] .. id)}}
+    end
+  end
+end
+"""
+# KEYS: job, leases zset. ARGV: id, replica, lease end.
+_LUA_RENEW = """
+local job = redis.call('HMGET', KEYS[1], 'replica', 'lease_until')
+if job[1] ~= ARGV[2] or not job[2] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+# KEYS: job, leases zset. ARGV: id, replica, queue key prefix, owners zset, turns hash.
+_LUA_RELEASE = (
+    _LUA_REQUEUE
+    + f"""
+local job = redis.call('HMGET', KEYS[1], 'replica', 'lease_until', 'attempts')
+if job[1] ~= ARGV[2] or not job[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'lease_until')
+redis.call('HSET', KEYS[1], 'status', '{PENDING}', 'attempts', math.max(tonumber(job[3] or 1) - 1, 0))
+redis.call('ZREM', KEYS[2], ARGV[1])
+requeue(ARGV[1], KEYS[1], ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+)
+# KEYS: leases zset, active zset, finished zset. ARGV: now, max attempts, reason, error status,
+# job key prefix, request key prefix, queue key prefix, owners zset, turns hash. Returns the ids failed.
+_LUA_RECLAIM = (
+    _LUA_REQUEUE
+    + f"""
+local failed = {{}}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])) do
+  redis.call('ZREM', KEYS[1], id)
+  local key = ARGV[5] .. id
+  local job = redis.call('HMGET', key, 'status', 'attempts', 'lease_until')
+  if (job[1] == '{PENDING}' or job[1] == '{RUNNING}') and job[3] then
+    redis.call('HDEL', key, 'lease_until')
+    if tonumber(job[2] or 0) >= tonumber(ARGV[2]) then
+      redis.call('HSET', key, 'status', '{FAILED}', 'error', ARGV[3], 'error_status', ARGV[4],
+                 'finished_at', ARGV[1])
+      redis.call('DEL', ARGV[6] .. id)
+      redis.call('ZREM', KEYS[2], id)
+      redis.call('ZADD', KEYS[3], ARGV[1], id)
       failed[#failed + 1] = id
+    else
+      redis.call('HSET', key, 'status', '{PENDING}')
+      requeue(id, key, ARGV[7], ARGV[8], ARGV[9])
     end
   end
 end
 return failed
 """
+)
 _LUA_CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'cancel_requested', '1')
@@ -130,7 +227,13 @@ end
 return 1
 """
 
-_JOB_TYPES = {"created_at": float, "finished_at": float, "error_status": int}
+_JOB_TYPES = {
+    "created_at": float,
+    "finished_at": float,
+    "error_status": int,
+    "attempts": int,
+    "lease_until": float,
+}
 _DELIVERY_TYPES = {"created_at": float, "next_attempt_at": float, "attempts": int}
 _REDIS_CONNECT_TIMEOUT_S = 2.0
 _REDIS_SOCKET_TIMEOUT_S = 10.0
@@ -149,6 +252,10 @@ def _decode(raw: dict[bytes, bytes], names: tuple[str, ...], types: dict, keep_b
             value = types.get(name, bytes.decode)(value)
         values[name] = value
     return values
+
+
+def _job(raw: dict[bytes, bytes]) -> JobRecord:
+    return JobRecord(**_decode(raw, JOB_FIELDS, _JOB_TYPES))
 
 
 def _redis_reason(exc: Exception) -> str:
@@ -207,7 +314,11 @@ class RedisStateStore(StateStore):
         self._create = register(_LUA_CREATE)
         self._mark_running = register(_LUA_MARK_RUNNING)
         self._finish = register(_LUA_FINISH)
-        self._fail_orphans = register(_LUA_FAIL_ORPHANS)
+        self._enqueue = register(_LUA_ENQUEUE)
+        self._lease = register(_LUA_LEASE)
+        self._renew = register(_LUA_RENEW)
+        self._release = register(_LUA_RELEASE)
+        self._reclaim = register(_LUA_RECLAIM)
         self._cancel = register(_LUA_CANCEL)
         self._append_event = register(_LUA_APPEND_EVENT)
         self._claim = register(_LUA_CLAIM)
@@ -235,7 +346,81 @@ class RedisStateStore(StateStore):
     @_redis_errors
     def get_job(self, job_id: str) -> JobRecord | None:
         raw = self.client.hgetall(self._key("job", job_id))
-        return JobRecord(**_decode(raw, JOB_FIELDS, _JOB_TYPES)) if raw else None
+        return _job(raw) if raw else None
+
+    def _queue_args(self) -> list[str]:
+        return [self._key("queue", ""), self._key("queue", "owners"), self._key("queue", "turns")]
+
+    def _idempotency_key(self, owner: str | None, key: str | None) -> str:
+        return self._key("idempotency", owner or "", key) if key is not None else ""
+
+    @_redis_errors
+    def enqueue_job(
+        self, rec: JobRecord, request: bytes, ttl_s: float, now: float | None = None
+    ) -> JobRecord:
+        now = time.time() if now is None else now
+        values = {name: getattr(rec, name) for name in JOB_FIELDS}
+        keys = [
+            self._key("job", rec.id),
+            self._key("request", rec.id),
+            self._key("jobs", "active"),
+            self._idempotency_key(rec.owner, rec.idempotency_key),
+        ]
+        args = [rec.id, rec.created_at, request, now - ttl_s, *self._queue_args(), self._key("job", "")]
+        job_id = self._enqueue(keys=keys, args=args + _pairs(values))
+        if job_id is None:
+            raise StateStoreError(f"job {rec.id} already exists")
+        if job_id.decode() == rec.id:
+            return rec
+        return self.get_job(job_id.decode()) or rec
+
+    @_redis_errors
+    def lease_job(self, replica: str, lease_s: float, now: float | None = None) -> LeasedJob | None:
+        now = time.time() if now is None else now
+        keys = [
+            self._key("queue", "owners"),
+            self._key("queue", "turns"),
+            self._key("queue", "turn"),
+            self._key("jobs", "leases"),
+        ]
+        args = [
+            now + lease_s,
+            replica,
+            self._key("queue", ""),
+            self._key("job", ""),
+            self._key("request", ""),
+        ]
+        leased = self._lease(keys=keys, args=args)
+        if not leased:
+            return None
+        flat, request = leased
+        return LeasedJob(_job(dict(zip(flat[::2], flat[1::2], strict=True))), request or b"")
+
+    @_redis_errors
+    def renew_lease(self, job_id: str, replica: str, lease_s: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        keys = [self._key("job", job_id), self._key("jobs", "leases")]
+        return bool(self._renew(keys=keys, args=[job_id, replica, now + lease_s]))
+
+    @_redis_errors
+    def release_job(self, job_id: str, replica: str) -> bool:
+        keys = [self._key("job", job_id), self._key("jobs", "leases")]
+        return bool(self._release(keys=keys, args=[job_id, replica, *self._queue_args()]))
+
+    @_redis_errors
+    def reclaim_lapsed(self, max_attempts: int, reason: str, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        keys = [self._key("jobs", "leases"), self._key("jobs", "active"), self._key("jobs", "finished")]
+        args = [now, max_attempts, reason, LOST_ERROR_STATUS, self._key("job", ""), self._key("request", "")]
+        return [i.decode() for i in self._reclaim(keys=keys, args=args + self._queue_args())]
+
+    @_redis_errors
+    def queued_count(self) -> int:
+        owners = self.client.zrange(self._key("queue", "owners"), 0, -1)
+        with self.client.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.zcard(self._key("queue", owner.decode()))
+            return sum(pipe.execute())
 
     @_redis_errors
     def mark_running(self, job_id: str) -> bool:
@@ -251,6 +436,9 @@ class RedisStateStore(StateStore):
             self._key("body", job_id),
             self._key("jobs", "active"),
             self._key("jobs", "finished"),
+            self._key("jobs", "leases"),
+            self._key("request", job_id),
+            self._key("queue", ""),
         ]
         args = [job_id, "1" if body is not None else "0", body if body is not None else b"", now]
         return bool(self._finish(keys=keys, args=args + _pairs(values)))
@@ -271,9 +459,18 @@ class RedisStateStore(StateStore):
         stale = [name for name, beat in beats.items() if float(beat) < cutoff]
         loads = self.client.hgetall(self._key("replica_loads"))
         stale_loads = [name for name, raw in loads.items() if json.loads(raw)[0] < cutoff]
+        claims = []  # the Idempotency-Keys the swept jobs held
+        for job_id in ids:
+            owner, key = self.client.hmget(self._key("job", job_id), "owner", "idempotency_key")
+            claim = self._idempotency_key(owner.decode() if owner else None, key.decode()) if key else None
+            if claim and self.client.get(claim) == job_id.encode():  # not yet taken over by a new job
+                claims.append(claim)
         with self.client.pipeline() as pipe:  # MULTI/EXEC
             for job_id in ids:
                 pipe.delete(self._key("job", job_id), self._key("body", job_id), self._key("events", job_id))
+                pipe.delete(self._key("request", job_id))
+            for claim in claims:
+                pipe.delete(claim)
             if ids:
                 pipe.zrem(finished, *ids)
             for delivery_id in deliveries:
@@ -292,13 +489,6 @@ class RedisStateStore(StateStore):
     @_redis_errors
     def heartbeat(self, replica: str, now: float | None = None) -> None:
         self.client.hset(self._key("replicas"), replica, time.time() if now is None else now)
-
-    @_redis_errors
-    def fail_orphans(self, lease_s: float, reason: str, now: float | None = None) -> list[str]:
-        now = time.time() if now is None else now
-        keys = [self._key("jobs", "active"), self._key("replicas"), self._key("jobs", "finished")]
-        args = [now - lease_s, now, reason, self._key("job", ""), ORPHAN_ERROR_STATUS]
-        return [i.decode() for i in self._fail_orphans(keys=keys, args=args)]
 
     @_redis_errors
     def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:

@@ -12,12 +12,12 @@ from contextlib import contextmanager
 from dataclasses import astuple
 from pathlib import Path
 
-from octoflux.state.records import FAILED, FINAL, PENDING, RUNNING, Delivery, JobRecord
+from octoflux.state.records import FAILED, FINAL, PENDING, RUNNING, Delivery, JobRecord, LeasedJob
 from octoflux.state.store import (
     DELIVERY_FIELDS,
     EVENTS_KEPT,
     JOB_FIELDS,
-    ORPHAN_ERROR_STATUS,
+    LOST_ERROR_STATUS,
     RecordNotFound,
     StateStore,
     StateStoreError,
@@ -45,9 +45,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, owner TEXT, request_id TEXT NOT NULL, created_at REAL NOT NULL,
     replica TEXT NOT NULL, status TEXT NOT NULL, encoding TEXT NOT NULL, error TEXT,
     error_status INTEGER, finished_at REAL, webhook_url TEXT, result_url TEXT,
-    body BLOB, cancel_requested INTEGER NOT NULL DEFAULT 0, event_seq INTEGER NOT NULL DEFAULT 0
+    body BLOB, cancel_requested INTEGER NOT NULL DEFAULT 0, event_seq INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, lease_until REAL, idempotency_key TEXT, request_hash TEXT,
+    request BLOB
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (lease_until) WHERE lease_until IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS owner_turns (owner TEXT PRIMARY KEY, served INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL, seq INTEGER NOT NULL, event TEXT NOT NULL, PRIMARY KEY (job_id, seq)
@@ -68,9 +73,21 @@ CREATE TABLE IF NOT EXISTS result_links (
 _JOB_COLUMNS = ", ".join(JOB_FIELDS)
 _DELIVERY_COLUMNS = ", ".join(DELIVERY_FIELDS)
 _BUSY_TIMEOUT_MS = 10_000
-SCHEMA_VERSION = 2  # PRAGMA user_version of the file
+SCHEMA_VERSION = 3  # PRAGMA user_version of the file
 # Version 1 -> 2: jobs keep their result URL; links hold their image instead of pointing into a job.
 _MIGRATE_FROM_1 = ("ALTER TABLE jobs ADD COLUMN result_url TEXT", "DROP TABLE IF EXISTS links")
+# Version 2 -> 3: jobs wait in the store with their request and are leased. Unfinished version-2 jobs
+# have no stored request to run again, so they fail as a lost worker's did.
+_MIGRATE_FROM_2 = (
+    "ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+    "ALTER TABLE jobs ADD COLUMN idempotency_key TEXT",
+    "ALTER TABLE jobs ADD COLUMN request_hash TEXT",
+    "ALTER TABLE jobs ADD COLUMN request BLOB",
+    f"UPDATE jobs SET status = '{FAILED}', error = 'job failed: the server was upgraded; retry it',"
+    f" error_status = {LOST_ERROR_STATUS}, finished_at = strftime('%s', 'now')"
+    f" WHERE status IN ('{PENDING}', '{RUNNING}')",
+)
 
 
 class SqliteStateStore(StateStore):
@@ -102,7 +119,7 @@ class SqliteStateStore(StateStore):
             # isolation_level=None: no implicit transactions; writes say BEGIN IMMEDIATE themselves.
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across process crashes
+            conn.execute("PRAGMA synchronous = FULL")  # each commit on disk before it returns: power cuts too
             self._connections.append(conn)
         self._local.conn = conn
         return conn
@@ -129,6 +146,9 @@ class SqliteStateStore(StateStore):
             if version == 1:
                 for statement in _MIGRATE_FROM_1:
                     conn.execute(statement)
+            if version in (1, 2):
+                for statement in _MIGRATE_FROM_2:
+                    conn.execute(statement)
             for statement in _SQLITE_SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
@@ -154,6 +174,107 @@ class SqliteStateStore(StateStore):
             raise StateStoreError(f"job {rec.id} already exists") from None
 
     @_sqlite_errors
+    def enqueue_job(
+        self, rec: JobRecord, request: bytes, ttl_s: float, now: float | None = None
+    ) -> JobRecord:
+        now = time.time() if now is None else now
+        marks = ", ".join("?" * (len(JOB_FIELDS) + 1))
+        with self._write() as conn:
+            if rec.idempotency_key is not None:
+                row = conn.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE idempotency_key = ? AND owner IS ?"
+                    " AND (finished_at IS NULL OR finished_at >= ?)",
+                    (rec.idempotency_key, rec.owner, now - ttl_s),
+                ).fetchone()
+                if row is not None:
+                    return JobRecord(*row)
+                conn.execute(  # an expired job keeps no claim on its key
+                    "UPDATE jobs SET idempotency_key = NULL WHERE idempotency_key = ? AND owner IS ?",
+                    (rec.idempotency_key, rec.owner),
+                )
+            try:
+                conn.execute(
+                    f"INSERT INTO jobs ({_JOB_COLUMNS}, request) VALUES ({marks})", (*astuple(rec), request)
+                )
+            except sqlite3.IntegrityError:
+                raise StateStoreError(f"job {rec.id} already exists") from None
+        return rec
+
+    @_sqlite_errors
+    def lease_job(self, replica: str, lease_s: float, now: float | None = None) -> LeasedJob | None:
+        now = time.time() if now is None else now
+        if not self.queued_count():  # idle processes poll: no write lock while nothing waits
+            return None
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT jobs.id, coalesce(jobs.owner, '') FROM jobs"
+                " LEFT JOIN owner_turns ON owner_turns.owner = coalesce(jobs.owner, '')"
+                " WHERE jobs.status = ? AND jobs.lease_until IS NULL AND jobs.request IS NOT NULL"
+                " ORDER BY coalesce(owner_turns.served, 0), jobs.created_at, jobs.rowid LIMIT 1",
+                (PENDING,),
+            ).fetchone()
+            if row is None:
+                return None
+            job_id, owner = row
+            conn.execute(
+                "INSERT INTO owner_turns (owner, served)"
+                " SELECT ?, coalesce(max(served), 0) + 1 FROM owner_turns WHERE true"
+                " ON CONFLICT (owner) DO UPDATE SET served = excluded.served",
+                (owner,),
+            )
+            conn.execute(
+                "UPDATE jobs SET replica = ?, lease_until = ?, attempts = attempts + 1 WHERE id = ?",
+                (replica, now + lease_s, job_id),
+            )
+            row = conn.execute(f"SELECT {_JOB_COLUMNS}, request FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return LeasedJob(JobRecord(*row[:-1]), bytes(row[-1]))
+
+    @_sqlite_errors
+    def renew_lease(self, job_id: str, replica: str, lease_s: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND replica = ? AND lease_until IS NOT NULL",
+                (now + lease_s, job_id, replica),
+            )
+            return cur.rowcount == 1
+
+    @_sqlite_errors
+    def release_job(self, job_id: str, replica: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET status = ?, lease_until = NULL, attempts = max(attempts - 1, 0)"
+                " WHERE id = ? AND replica = ? AND lease_until IS NOT NULL",
+                (PENDING, job_id, replica),
+            )
+            return cur.rowcount == 1
+
+    @_sqlite_errors
+    def reclaim_lapsed(self, max_attempts: int, reason: str, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            lapsed = conn.execute(
+                "SELECT id, attempts FROM jobs WHERE lease_until < ? AND status IN (?, ?)",
+                (now, PENDING, RUNNING),
+            ).fetchall()
+            failed = [job_id for job_id, attempts in lapsed if attempts >= max_attempts]
+            conn.executemany(
+                "UPDATE jobs SET status = ?, error = ?, error_status = ?, finished_at = ?,"
+                " lease_until = NULL, request = NULL WHERE id = ?",
+                [(FAILED, reason, LOST_ERROR_STATUS, now, job_id) for job_id in failed],
+            )
+            conn.executemany(
+                "UPDATE jobs SET status = ?, lease_until = NULL WHERE id = ?",
+                [(PENDING, job_id) for job_id, attempts in lapsed if attempts < max_attempts],
+            )
+        return failed
+
+    @_sqlite_errors
+    def queued_count(self) -> int:
+        query = "SELECT count(*) FROM jobs WHERE status = ? AND lease_until IS NULL AND request IS NOT NULL"
+        return self._conn().execute(query, (PENDING,)).fetchone()[0]
+
+    @_sqlite_errors
     def get_job(self, job_id: str) -> JobRecord | None:
         row = self._conn().execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return JobRecord(*row) if row else None
@@ -172,8 +293,8 @@ class SqliteStateStore(StateStore):
         marks = ", ".join("?" * len(FINAL))
         with self._write() as conn:
             cur = conn.execute(
-                "UPDATE jobs SET status = ?, body = ?, error = ?, error_status = ?, finished_at = ?"
-                f" WHERE id = ? AND status NOT IN ({marks})",
+                "UPDATE jobs SET status = ?, body = ?, error = ?, error_status = ?, finished_at = ?,"
+                f" lease_until = NULL, request = NULL WHERE id = ? AND status NOT IN ({marks})",
                 (status, body, error, error_status, time.time(), job_id, *FINAL),
             )
             return cur.rowcount == 1
@@ -211,22 +332,6 @@ class SqliteStateStore(StateStore):
                 " ON CONFLICT (name) DO UPDATE SET beat = excluded.beat",
                 (replica, now),
             )
-
-    @_sqlite_errors
-    def fail_orphans(self, lease_s: float, reason: str, now: float | None = None) -> list[str]:
-        now = time.time() if now is None else now
-        with self._write() as conn:
-            rows = conn.execute(
-                "SELECT jobs.id FROM jobs LEFT JOIN replicas ON replicas.name = jobs.replica"
-                " WHERE jobs.status IN (?, ?) AND (replicas.beat IS NULL OR replicas.beat < ?)",
-                (PENDING, RUNNING, now - lease_s),
-            ).fetchall()
-            ids = [row[0] for row in rows]
-            conn.executemany(
-                "UPDATE jobs SET status = ?, error = ?, error_status = ?, finished_at = ? WHERE id = ?",
-                [(FAILED, reason, ORPHAN_ERROR_STATUS, now, job_id) for job_id in ids],
-            )
-        return ids
 
     @_sqlite_errors
     def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:

@@ -1,5 +1,6 @@
-"""Durable state shared by every replica: async jobs and their bodies, cancel flags, progress events,
-replica heartbeats, asset records, webhook deliveries and short-lived result links.
+"""Durable state shared by every replica: async jobs with their requests and bodies (the queue every
+process leases work from), cancel flags, progress events, replica heartbeats, asset records, webhook
+deliveries and short-lived result links.
 
 Two backends behave identically: `sqlite:///path/state.db` (octoflux/state/sqlite_store.py; embedded, one
 node, several processes) and `redis://host:port/db` (octoflux/state/redis_store.py; several nodes). Every
@@ -14,10 +15,10 @@ from dataclasses import fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from octoflux.state.records import FINAL, Delivery, JobRecord
+from octoflux.state.records import FINAL, Delivery, JobRecord, LeasedJob
 
 EVENTS_KEPT = 200  # progress events kept per job; older ones are dropped
-ORPHAN_ERROR_STATUS = 503  # what a sync call would have answered when its worker was lost
+LOST_ERROR_STATUS = 503  # what a sync call would have answered when its worker was lost
 
 JOB_FIELDS = tuple(f.name for f in fields(JobRecord))
 DELIVERY_FIELDS = tuple(f.name for f in fields(Delivery))
@@ -58,7 +59,42 @@ class StateStore(ABC):
         """Store a new job; an id already stored raises StateStoreError."""
 
     @abstractmethod
+    def enqueue_job(
+        self, rec: JobRecord, request: bytes, ttl_s: float, now: float | None = None
+    ) -> JobRecord:
+        """Store a new pending job with the request a process will run, in one write; returns it.
+
+        When `rec.idempotency_key` is set and a job of the same owner holds that key (and has not
+        expired: finished less than ttl_s ago), nothing is stored and that job is returned instead.
+        """
+
+    @abstractmethod
     def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def lease_job(self, replica: str, lease_s: float, now: float | None = None) -> LeasedJob | None:
+        """Take the next queued job for `replica` until now + lease_s, counting an attempt; None if none.
+
+        Fair share: of the owners with jobs waiting, the one served longest ago goes first (one never
+        served before all others), and of its jobs the oldest. Atomic across processes.
+        """
+
+    @abstractmethod
+    def renew_lease(self, job_id: str, replica: str, lease_s: float, now: float | None = None) -> bool:
+        """Extend the lease `replica` holds; False when it holds it no longer (lapsed, or final)."""
+
+    @abstractmethod
+    def release_job(self, job_id: str, replica: str) -> bool:
+        """Put a job `replica` holds back in the queue, its attempt not counted (a shutdown)."""
+
+    @abstractmethod
+    def reclaim_lapsed(self, max_attempts: int, reason: str, now: float | None = None) -> list[str]:
+        """Re-queue unfinished jobs whose lease lapsed; fail those that used max_attempts (with
+        `reason`, the error status a lost worker gives); returns the ids failed."""
+
+    @abstractmethod
+    def queued_count(self) -> int:
+        """Jobs waiting in the queue, not leased."""
 
     @abstractmethod
     def mark_running(self, job_id: str) -> bool:
@@ -74,7 +110,8 @@ class StateStore(ABC):
         error: str | None = None,
         error_status: int | None = None,
     ) -> bool:
-        """Make the job final; False and no change when it is unknown or already final."""
+        """Make the job final (once: results are written once); False and no change when it is unknown
+        or already final. Its lease and stored request go with it."""
 
     @abstractmethod
     def get_body(self, job_id: str) -> bytes | None: ...
@@ -89,10 +126,6 @@ class StateStore(ABC):
     # ------------------------------------------------------------ replicas
     @abstractmethod
     def heartbeat(self, replica: str, now: float | None = None) -> None: ...
-
-    @abstractmethod
-    def fail_orphans(self, lease_s: float, reason: str, now: float | None = None) -> list[str]:
-        """Fail pending/running jobs whose replica has not heartbeated within lease_s (or never did)."""
 
     @abstractmethod
     def put_replica_load(self, replica: str, load: dict, now: float | None = None) -> None:

@@ -89,7 +89,12 @@ class FaultyPipeline:
 
 
 def wrap_pipelines(engine, before: Callable[[GenerationSpec], None]) -> None:
-    """Run `before(spec)` ahead of every pipeline call (every batch) of `engine`."""
+    """Run `before(spec)` ahead of every pipeline call (every batch) of `engine` (of each engine of a
+    `ModelSet`)."""
+    for one in getattr(engine, "engines", {}).values():
+        wrap_pipelines(one, before)
+    if hasattr(engine, "engines"):
+        return
     current: list = [None]
     generate = engine.generate
 

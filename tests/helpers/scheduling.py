@@ -14,7 +14,14 @@ RAY_MODULES = {"tests/system/test_replicas.py", "tests/system/test_replicas_sigt
 # Slowest first, as `--durations` measured them; every other module follows in collection order.
 SLOWEST = [
     RAY,
+    "tests/system/test_context_parallel.py",
     "tests/unit/pipelines/test_inductor.py",
+    "tests/system/test_durable_queue.py",
+    "tests/system/test_readme_examples.py",
+    "tests/unit/pipelines/test_parallel.py",
+    "tests/api/common/test_family.py",
+    "tests/system/test_store_damage.py",
+    "tests/api/common/test_tenants_reload.py",
     "tests/system/test_shutdown.py",
     "tests/system/test_bench.py",
     "tests/system/test_cli.py",

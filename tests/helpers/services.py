@@ -29,6 +29,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_ready(url: str) -> bool:
+    """Whether the octoflux server at `url` answers /readyz with 200 (False while it is not listening)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def skip_or_fail(service: str, reason: str) -> None:
     """Skip the test that needs `service`; under CI=true fail it."""
     _missing[service] = reason

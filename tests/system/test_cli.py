@@ -46,6 +46,8 @@ def sample(name: str):
         return SAMPLE_SECRET, SAMPLE_SECRET
     if name == "replicas":
         return "auto", "auto"
+    if name == "context_parallel":
+        return "ring=2,ulysses=4", "ring=2,ulysses=4"
     if name == "warmup_batches":
         return "1,2", "1,2"
     if name in ("state_url",):

@@ -2,7 +2,8 @@
 
 Convention: a block preceded by the line `<!-- not-run -->` is not an example to run (installing,
 Docker) and is skipped; one preceded by `<!-- schnell -->` runs against a `--model tiny-schnell`
-server, in a namespace of its own. The Python blocks run in order in one namespace, as one reader pasting them
+server, in a namespace of its own, and one preceded by `<!-- family -->` against `--model tiny-family`. The
+Python blocks run in order in one namespace, as one reader pasting them
 into one session; the base URL is the only thing changed. LoRA files the examples name are written
 first, as a reader would have them.
 """
@@ -21,6 +22,7 @@ from octoflux.pipelines.tiny_lora import make_lora, save_diffusers
 README = Path(__file__).resolve().parents[2] / "README.md"
 NOT_RUN = "<!-- not-run -->"
 SCHNELL = "<!-- schnell -->"
+FAMILY = "<!-- family -->"
 BLOCK = re.compile(r"(?P<before>[^\n]*)\n```(?P<lang>python|bash)\n(?P<code>.*?)\n```", re.S)
 README_URL = "http://127.0.0.1:8000"
 
@@ -30,7 +32,7 @@ def readme_blocks(lang: str, marker: str = "") -> list[str]:
     blocks = []
     for match in BLOCK.finditer(README.read_text()):
         before = match["before"].strip()
-        before = before if before in (NOT_RUN, SCHNELL) else ""
+        before = before if before in (NOT_RUN, SCHNELL, FAMILY) else ""
         if match["lang"] == lang and before == marker:
             blocks.append(match["code"])
     return blocks
@@ -106,3 +108,20 @@ def test_schnell_examples_run_against_a_schnell_server(server_factory, tmp_path)
             exec(compile(code.replace(README_URL, live.url), str(README), "exec"), namespace)
         for code in readme_blocks("bash", SCHNELL):
             run_curl(code, live.url, tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_family_examples_run_against_a_family_server(server_factory, tmp_path, monkeypatch):
+    assert readme_blocks("python", FAMILY) and readme_blocks("bash", FAMILY)
+    monkeypatch.chdir(tmp_path)
+    write_pictures(tmp_path)
+    with server_factory(model="tiny-family", tiny_dir=tmp_path / "tiny-flux", warmup=False) as live:
+        namespace: dict = {}
+        for code in readme_blocks("python", FAMILY):
+            exec(compile(code.replace(README_URL, live.url), str(README), "exec"), namespace)
+        assert namespace["edited"].size == "512x512" and namespace["filled"].size == "512x512"
+        for code in readme_blocks("bash", FAMILY):
+            run_curl(code, live.url, tmp_path)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "wide.png").size == (1024, 576)

@@ -113,7 +113,7 @@ def replica_pids(url: str, want: int = 2, timeout: float = 60) -> dict[str, int]
     seen: dict[str, int] = {}
 
     def all_seen():
-        health = httpx.get(f"{url}/healthz", timeout=10)
+        health = httpx.get(f"{url}/healthz", headers=AUTH, timeout=10)  # pid and replica: for keys
         if health.status_code == 200:
             seen[health.json()["replica"]] = health.json()["pid"]
         return len(seen) >= want
@@ -198,7 +198,9 @@ def test_every_replica_full_answers_429_with_retry_after_never_a_ray_error(url):
             assert "busy" in response.json()["detail"] and "ray" not in response.text.lower()
 
 
-def test_replica_killed_mid_job_fails_its_requests_fast_and_is_replaced(url, base_settings):
+def test_replica_killed_mid_job_fails_its_sync_requests_fast_reruns_its_async_job_and_is_replaced(
+    url, base_settings
+):
     from octoflux.state.store import open_state_store
 
     pids = replica_pids(url)
@@ -231,12 +233,16 @@ def test_replica_killed_mid_job_fails_its_requests_fast_and_is_replaced(url, bas
         assert response.status_code == 503 and "worker" in response.json()["detail"]
         assert "lost" in response.json()["detail"] and at - killed_at < 10
 
-    failed = wait_until(
-        lambda: (r := store.get_job(job_id)) and r.status == "failed" and r, 30, "orphan", every=POLL_S
+    # The async job's lease lapses and another replica runs it again (it is far too long to finish here).
+    rerun = wait_until(
+        lambda: (r := store.get_job(job_id)) and r.attempts == 2 and r.status == "running" and r,
+        60,
+        "the async job to run again",
+        every=POLL_S,
     )
-    assert "lost" in failed.error and time.time() - failed.finished_at < 30
-    poll = httpx.get(accepted.json()["poll_url"], headers=AUTH).json()
-    assert poll["status"] == "failed" and "lost" in poll["error"]
+    assert rerun.replica != victim
+    assert httpx.get(accepted.json()["poll_url"], headers=AUTH).json()["status"] == "running"
+    assert httpx.delete(accepted.json()["poll_url"], headers=AUTH).json()["status"] == "cancelled"
     store.close()
 
     again = replica_pids(url, want=2, timeout=90)  # Ray replaced the replica: full size again
@@ -254,7 +260,7 @@ def upload(url: str, name: str, path: Path) -> str:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_full_restart_keeps_results_and_assets_and_fails_unfinished_jobs(
+def test_full_restart_keeps_results_and_assets_and_reruns_unfinished_jobs(
     backend, request, deployment, base_settings, tmp_path
 ):
     if backend == "redis":
@@ -283,19 +289,26 @@ def test_full_restart_keeps_results_and_assets_and_fails_unfinished_jobs(
     assert httpx.get(f"{done['poll_url']}/result", headers=AUTH).content == before
     asset = httpx.get(f"{url}/v1/assets/{asset_id}", headers=AUTH).json()["asset"]
     assert (asset["name"], asset["status"]) == (f"kept-{backend}", "ready")
+    # The job the restart cut is not lost: it finished during the drain, or it runs again (then it is
+    # cancelled: it is far too long to wait for here).
+    polls: list[dict] = []
+    wait_until(
+        lambda: (
+            polls.append(httpx.get(unfinished.json()["poll_url"], headers=AUTH).json())
+            or polls[-1]["status"] in ("running", "completed", "failed", "cancelled")
+        ),
+        60,
+        "the unfinished job to run again",
+        every=POLL_S,
+    )
+    assert polls[-1]["status"] in ("running", "completed"), polls[-1]
+    if polls[-1]["status"] == "running":
+        assert httpx.delete(unfinished.json()["poll_url"], headers=AUTH).json()["status"] == "cancelled"
+    # After the cut job (which would hold a replica's worker for minutes): the kept LoRA asset still serves.
     styled = httpx.post(
         f"{url}/generate/flux-dev", json=body(FOX, loras={f"kept-{backend}": 1.0}), headers=AUTH, timeout=60
     )
     assert styled.status_code == 200, styled.text
-    cut = wait_until(
-        lambda: (
-            (p := httpx.get(unfinished.json()["poll_url"], headers=AUTH).json())["status"] == "failed" and p
-        ),
-        30,
-        "the unfinished job to fail",
-        every=POLL_S,
-    )
-    assert cut["error"]
 
 
 def test_single_process_mode_does_not_import_ray(tiny_checkpoint, tmp_path):

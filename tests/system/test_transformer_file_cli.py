@@ -83,12 +83,12 @@ def test_a_file_not_matching_the_base_config_is_refused(tiny_checkpoint, bf16_fi
     )
 
 
-def test_a_kontext_file_is_refused_as_not_served_yet(tiny_checkpoint, bf16_file, tmp_path, capsys):
+def test_a_kontext_file_on_a_dev_base_is_refused(tiny_checkpoint, bf16_file, tmp_path, capsys):
     kontext = tmp_path / "flux1-kontext-dev-Q8_0.safetensors"
     kontext.write_bytes(bf16_file.read_bytes())
     assert refusal(tiny_checkpoint, kontext, capsys) == (
-        f"octoflux: --transformer {kontext}: a FLUX.1 Kontext transformer: not served yet "
-        "(only FLUX.1-dev and -schnell)"
+        f"octoflux: --transformer {kontext}: a FLUX.1 Kontext transformer, but --model {tiny_checkpoint} "
+        "is FLUX.1-dev's config; use a base of the same family"
     )
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from octoflux.api.common.owners import owner_key
+from octoflux.api.common.owners import request_owner, request_tenant
 from octoflux.core.request import Caller
 from octoflux.core.service import GenerationService
 
@@ -18,19 +18,16 @@ def get_service(request: Request) -> GenerationService:
 Service = Annotated[GenerationService, Depends(get_service)]
 
 
-def request_owner(request: Request) -> str | None:
-    """Who may read an async result: the bearer token's hash when auth is on, else anyone."""
-    if not request.app.state.service.settings.api_key_list:
-        return None
-    return owner_key(request.headers.get("authorization", "").partition(" ")[2].strip())
-
-
 def caller(request: Request, api: str = "sync") -> Caller:
     """What the core needs to know of who asks, taken from the request once, on the way down."""
+    tenant = request_tenant(request)
+    quotas = request.app.state.service.quotas
     return Caller(
         request_id=request.state.request_id,
         api=api,
         owner=request_owner(request),
+        tenant=tenant,
+        quota=quotas.of(tenant) if tenant is not None else None,
         client_gone=client_gone(request),
     )
 
@@ -66,7 +63,12 @@ def client_gone(request: Request):
 def log_spec(fields: dict, spec, with_prompt: bool) -> None:
     """What the request's log line says of the work; the prompt only when the client asked."""
     fields.update(
-        mode=spec.mode, width=spec.width, height=spec.height, steps=spec.steps, images=len(spec.seeds)
+        model=spec.model,
+        mode=spec.mode,
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        images=len(spec.seeds),
     )
     if with_prompt:
         fields["prompt"] = spec.prompt

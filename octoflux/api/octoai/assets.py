@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from octoflux.api.common.auth import require_bearer
 from octoflux.api.common.deps import Service
+from octoflux.api.common.owners import asset_space
 from octoflux.api.octoai.protocol import ErrorDetail
 from octoflux.core.errors import InvalidField
 from octoflux.pipelines.loras import NAME_PATTERN
@@ -75,7 +76,7 @@ def _transfer_api(request: Request, asset_id: str, token: str) -> dict:
 
 ERROR_DESCRIPTIONS = {
     401: "Missing or invalid bearer token",
-    403: "Upload or download token wrong or expired",
+    403: "Upload/download token wrong or expired; a shared asset (admin keys only); no `assets` scope",
     404: "No such asset",
     409: "The asset is not in a state that allows this",
     413: "File over --max-lora-mb",
@@ -91,17 +92,23 @@ def errors(*codes: int) -> dict:
 @router.post(
     "/v1/assets",
     dependencies=bearer,
-    responses=errors(401, 409),
+    responses=errors(401, 403, 409),
     summary="Create a LoRA asset and get its upload URL",
 )
 async def create_asset(body: CreateAssetRequest, request: Request, service: Service):
     data = _check_create(body)
-    asset, token = await service.assets.create(body.name, body.description or "", data)
+    asset, token = await service.assets.create(body.name, body.description or "", data, asset_space(request))
     return {"asset": asset, "transfer_api": _transfer_api(request, asset["id"], token)}
 
 
-@router.get("/v1/assets", dependencies=bearer, responses=errors(401), summary="List LoRA assets")
+@router.get(
+    "/v1/assets",
+    dependencies=bearer,
+    responses=errors(401, 403),
+    summary="List LoRA assets: the key's own, then shared ones",
+)
 async def list_assets(
+    request: Request,
     service: Service,
     name: str | None = None,
     asset_type: list[str] | None = Query(None),
@@ -109,7 +116,7 @@ async def list_assets(
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0),
 ):
-    assets = await service.assets.all()
+    assets = await service.assets.all(asset_space(request))
     if name is not None:
         assets = [a for a in assets if a["name"] == name]
     if asset_type:
@@ -126,19 +133,19 @@ async def list_assets(
     responses=errors(401, 404),
     summary="Get an asset by id or [owner:]name",
 )
-async def get_asset(asset_id: str, service: Service):
-    asset = await service.assets.find(asset_id)
+async def get_asset(asset_id: str, request: Request, service: Service):
+    asset = await service.assets.find(asset_id, asset_space(request))
     return {"asset": asset, "transfer_api": {"type": "none"}}
 
 
 @router.delete(
     "/v1/assets/{asset_id}",
     dependencies=bearer,
-    responses=errors(401, 404),
-    summary="Delete an asset and its file",
+    responses=errors(401, 403, 404),
+    summary="Delete an asset and its file (a shared one: admin keys only)",
 )
-async def delete_asset(asset_id: str, service: Service):
-    return await service.assets.delete(asset_id)
+async def delete_asset(asset_id: str, request: Request, service: Service):
+    return await service.assets.delete(asset_id, asset_space(request))
 
 
 @router.put(
@@ -171,5 +178,5 @@ async def download_asset_file(asset_id: str, service: Service, token: str = ""):
     responses=errors(401, 404, 409, 503),
     summary="Check, then publish",
 )
-async def complete_upload(asset_id: str, service: Service):
-    return {"error": await service.assets.complete_upload(asset_id)}
+async def complete_upload(asset_id: str, request: Request, service: Service):
+    return {"error": await service.assets.complete_upload(asset_id, asset_space(request))}

@@ -27,6 +27,7 @@ def image_request(body: GenerateRequest, limits: ImageLimits) -> ImageRequest:
         mask_image=mask,
         strength=body.strength,
         loras={name: 1.0 if weight is None else weight for name, weight in (body.loras or {}).items()},
+        outpaint=outpaint.sides() if (outpaint := getattr(body, "outpaint", None)) is not None else None,
     )
 
 

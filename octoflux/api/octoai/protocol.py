@@ -18,7 +18,17 @@ from octoflux.core.models import (
     SUPPORTED_RESOLUTIONS,
 )
 
-__all__ = ["SUPPORTED_RESOLUTIONS", "AsyncAccepted", "AsyncStatus", "GenerateRequest", "GenerateResponse"]
+__all__ = [
+    "SUPPORTED_RESOLUTIONS",
+    "AsyncAccepted",
+    "AsyncStatus",
+    "FillRequest",
+    "GenerateRequest",
+    "GenerateResponse",
+    "KontextRequest",
+]
+# Pixels outpainting may add on one side.
+MAX_OUTPAINT = 2048
 
 # Fields the SDK can send that FLUX.1 does not support ("[Not supported on FLUX]" on OctoAI's page):
 # a non-null value is a 422.
@@ -89,6 +99,40 @@ class GenerateRequest(BaseModel):
                 bound = f"{MAX_LORA_WEIGHT:g}"
                 raise ValueError(f"weight of LoRA {name!r} must be within [-{bound}, {bound}]")
         return loras
+
+
+ImageField = Annotated[str, Field(strict=True, description="base64 image (PNG, JPEG or WebP)")]
+
+
+class KontextRequest(GenerateRequest):
+    """The body of `POST /generate/flux-kontext-dev`: `init_image` edited as `prompt` says. Without `width`
+    and `height` the output keeps the input's aspect at a Kontext training resolution; `cfg_scale`
+    defaults to 2.5. `mask_image` and `strength` are refused (422 naming the field)."""
+
+    init_image: ImageField
+
+
+class Outpaint(BaseModel):
+    """Pixels to add on each side of `init_image`; the result must be a supported size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    left: Annotated[StrictInt, Field(ge=0, le=MAX_OUTPAINT)] = 0
+    right: Annotated[StrictInt, Field(ge=0, le=MAX_OUTPAINT)] = 0
+    top: Annotated[StrictInt, Field(ge=0, le=MAX_OUTPAINT)] = 0
+    bottom: Annotated[StrictInt, Field(ge=0, le=MAX_OUTPAINT)] = 0
+
+    def sides(self) -> tuple[int, int, int, int]:
+        return (self.left, self.right, self.top, self.bottom)
+
+
+class FillRequest(GenerateRequest):
+    """The body of `POST /generate/flux-fill-dev`: `init_image` with `mask_image` (white repaints), or
+    with `outpaint` (pixels to add on each side); `cfg_scale` defaults to 30. Kept pixels come back as
+    they were."""
+
+    init_image: ImageField
+    outpaint: Outpaint | None = None
 
 
 class ImageGeneration(BaseModel):

@@ -1,8 +1,10 @@
-"""OctoAI's dialect: `POST /generate/flux-dev` and `/generate/flux-schnell` (sync and async; a server
-answers the one of the family it serves) and the async poll/result/cancel URLs."""
+"""OctoAI's dialect: `POST /generate/flux-dev` and `/generate/flux-schnell`, and in OctoAI's style
+`/generate/flux-kontext-dev` and `/generate/flux-fill-dev` (sync and async; a server answers the routes of
+the models it serves) and the async poll/result/cancel URLs."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -11,21 +13,29 @@ from starlette.concurrency import run_in_threadpool
 
 from octoflux.api.common.auth import require_bearer
 from octoflux.api.common.deps import Service, absolute_url, caller, header_text, log_spec
+from octoflux.api.common.owners import asset_space
 from octoflux.api.octoai import convert
 from octoflux.api.octoai.protocol import (
     AsyncAccepted,
     AsyncStatus,
     ErrorDetail,
+    FillRequest,
     GenerateRequest,
     GenerateResponse,
+    KontextRequest,
 )
-from octoflux.core.async_jobs import AsyncView
+from octoflux.core import renderers
+from octoflux.core.async_jobs import AsyncView, Idempotency
 from octoflux.core.errors import InvalidField, NotFound
 from octoflux.core.service import GenerationService
-from octoflux.pipelines.family import FLUX_DEV, FLUX_SCHNELL
+from octoflux.pipelines.family import FLUX_DEV, FLUX_FILL_DEV, FLUX_KONTEXT_DEV, FLUX_SCHNELL
 from octoflux.webhooks.urls import WEBHOOK_HEADER
 
 router = APIRouter(dependencies=[Depends(require_bearer)])
+DIALECT = "octoai"
+IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY = "Idempotency-Key", 255
+# A finished async job's body, rendered by whichever process ran it (octoflux/core/renderers.py).
+renderers.register(DIALECT, lambda generated, options: convert.response_body(generated, options["encoding"]))
 ASYNC_TRUE = {"1", "true", "yes"}
 AsyncHeader = Annotated[
     str | None, Header(description="`1`: return at once with a poll URL (async inference)")
@@ -33,6 +43,14 @@ AsyncHeader = Annotated[
 WebhookHeader = Annotated[
     str | None,
     Header(description="async only: an http(s) URL to POST a signed message to when the job ends"),
+]
+IdempotencyHeader = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_HEADER,
+        description="async only: the same key (same API key, same body) within --result-ttl returns "
+        "the same job instead of a second one; the key with another body is a 409",
+    ),
 ]
 
 
@@ -54,23 +72,25 @@ def _errors(*codes: int, **described: str) -> dict:
 
 
 def serves(model_id: str):
-    """A dependency: 404 naming the served model unless this server serves `model_id` (checked before the
-    body, so the answer does not depend on it)."""
+    """A dependency: 404 naming the served models unless this server serves `model_id` (checked before the
+    body, so the answer does not depend on it); the model's family is left in `request.state.family`."""
 
-    def check(service: Service) -> None:
-        served = service.runtime.served_family().model_id
-        if served != model_id:
+    def check(request: Request, service: Service) -> None:
+        served = service.runtime.served_families()
+        if model_id not in served:
+            routes = ", ".join(f"POST /generate/{served_id}" for served_id in served)
             raise NotFound(
-                f"this server serves {served} (POST /generate/{served}), not {model_id}; "
-                f"start one with a {model_id} checkpoint to use this route"
+                f"this server serves {', '.join(served)} ({routes}), not {model_id}; "
+                f"start one with a {model_id} checkpoint (--model {model_id}=PATH) to use this route"
             )
+        request.state.family = served[model_id]
 
     return Depends(check)
 
 
 GENERATE_RESPONSES: dict = {
     202: {"model": AsyncAccepted, "description": "Accepted for async inference (`X-OctoAI-Async: 1`)"},
-    **_errors(401, 404, 413, 415, 429, 500, 503, 504, s404="This server serves the other FLUX.1 model"),
+    **_errors(401, 404, 413, 415, 429, 500, 503, 504, s404="This server does not serve this model"),
     422: {"description": "A bad field, or an `X-OctoFlux-Webhook-Url` the server will not call"},
 }
 
@@ -88,8 +108,9 @@ async def generate_flux_dev(
     service: Service,
     x_octoai_async: AsyncHeader = None,
     x_octoflux_webhook_url: WebhookHeader = None,
+    idempotency_key: IdempotencyHeader = None,
 ):
-    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url)
+    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url, idempotency_key)
 
 
 @router.post(
@@ -105,12 +126,54 @@ async def generate_flux_schnell(
     service: Service,
     x_octoai_async: AsyncHeader = None,
     x_octoflux_webhook_url: WebhookHeader = None,
+    idempotency_key: IdempotencyHeader = None,
 ):
-    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url)
+    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url, idempotency_key)
+
+
+@router.post(
+    "/generate/flux-kontext-dev",
+    response_model=GenerateResponse,
+    responses=GENERATE_RESPONSES,
+    dependencies=[serves(FLUX_KONTEXT_DEV)],
+    summary="Edit an image by instruction with FLUX.1 Kontext [dev] (init_image required)",
+)
+async def generate_flux_kontext_dev(
+    body: KontextRequest,
+    request: Request,
+    service: Service,
+    x_octoai_async: AsyncHeader = None,
+    x_octoflux_webhook_url: WebhookHeader = None,
+    idempotency_key: IdempotencyHeader = None,
+):
+    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url, idempotency_key)
+
+
+@router.post(
+    "/generate/flux-fill-dev",
+    response_model=GenerateResponse,
+    responses=GENERATE_RESPONSES,
+    dependencies=[serves(FLUX_FILL_DEV)],
+    summary="Inpaint (mask_image) or outpaint (outpaint) an image with FLUX.1 Fill [dev]",
+)
+async def generate_flux_fill_dev(
+    body: FillRequest,
+    request: Request,
+    service: Service,
+    x_octoai_async: AsyncHeader = None,
+    x_octoflux_webhook_url: WebhookHeader = None,
+    idempotency_key: IdempotencyHeader = None,
+):
+    return await _generate(body, request, service, x_octoai_async, x_octoflux_webhook_url, idempotency_key)
 
 
 async def _generate(
-    body: GenerateRequest, request: Request, service: GenerationService, async_header, webhook_header
+    body: GenerateRequest,
+    request: Request,
+    service: GenerationService,
+    async_header,
+    webhook_header,
+    idempotency_header=None,
 ):
     """Both families' route: sync answers the body, async (`X-OctoAI-Async: 1`) a poll URL."""
     fields: dict = request.state.log
@@ -119,7 +182,9 @@ async def _generate(
     try:
         webhook_url = await _webhook_url(service, header_text(webhook_header), is_async)
         image_request = await run_in_threadpool(convert.image_request, body, service.limits)
-        spec = await service.generation.prepare(image_request)
+        spec = await service.generation.prepare(
+            image_request, family=request.state.family, space=asset_space(request)
+        )
         log_spec(fields, spec, with_prompt=bool(body.log_prompt))
         encoding = body.image_encoding or "png"
 
@@ -132,9 +197,11 @@ async def _generate(
         record = await service.async_jobs.start(
             spec,
             who,
-            render,
+            DIALECT,
+            {"encoding": encoding},
             webhook_url=webhook_url,
             result_url=lambda job_id: absolute_url(request, "response_result", response_id=job_id),
+            idempotency=await _idempotency(request, header_text(idempotency_header), webhook_url),
         )
         poll_url = absolute_url(request, "poll_response", response_id=record.id)
         accepted = AsyncAccepted(response_id=record.id, poll_url=poll_url)
@@ -151,6 +218,17 @@ async def _webhook_url(service: GenerationService, url: str | None, is_async: bo
             WEBHOOK_HEADER, f"{WEBHOOK_HEADER} needs an async call (X-OctoAI-Async: 1)", "header"
         )
     return await service.async_jobs.check_webhook(url, WEBHOOK_HEADER)
+
+
+async def _idempotency(request: Request, key: str | None, webhook_url: str | None) -> Idempotency | None:
+    """The key with a digest of what it came with: the route, the body as sent, the webhook URL."""
+    if key is None:
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidField(IDEMPOTENCY_HEADER, f"give 1 to {MAX_IDEMPOTENCY_KEY} characters", "header")
+    digest = hashlib.sha256(f"{request.url.path}\n{webhook_url or ''}\n".encode())
+    digest.update(await request.body())
+    return Idempotency(key, digest.hexdigest())
 
 
 def _status(request: Request, view: AsyncView) -> AsyncStatus:

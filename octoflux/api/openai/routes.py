@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from octoflux.api.common.auth import require_bearer
 from octoflux.api.common.deps import Service, absolute_url, caller, log_spec
+from octoflux.api.common.owners import asset_space
 from octoflux.api.openai import convert
 from octoflux.api.openai.errors import OpenAIRoute
 from octoflux.api.openai.protocol import (
@@ -34,7 +35,7 @@ from octoflux.api.openai.uploads import read_image, read_mask
 from octoflux.core.errors import InvalidField, NotFound
 from octoflux.core.request import ImageRequest
 from octoflux.core.service import GenerationService
-from octoflux.pipelines.family import Family
+from octoflux.pipelines.family import FLUX_DEV, FLUX_FILL_DEV, FLUX_KONTEXT_DEV, FLUX_SCHNELL, Family
 
 router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI Images API"])
 
@@ -59,10 +60,12 @@ ERRORS: dict = {
 
 @router.get("/v1/models", dependencies=AUTHORIZED, response_model=ModelList, responses=ERRORS)
 async def list_models(service: Service) -> ModelList:
-    """The model this server serves (`flux-dev` or `flux-schnell`); empty while that is not known yet."""
-    family = service.runtime.family
-    cards = [ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)] if family else []
-    return ModelList(data=cards)
+    """The models this server serves (flux-dev, flux-schnell, flux-kontext-dev, flux-fill-dev); empty while
+    that is not known yet."""
+    families = service.runtime.families or {}
+    return ModelList(
+        data=[ModelCard(id=model_id, created=STARTED, owned_by=OWNED_BY) for model_id in families]
+    )
 
 
 @router.get(
@@ -72,11 +75,10 @@ async def list_models(service: Service) -> ModelList:
     responses={**ERRORS, 404: {"model": OpenAIError, "description": "Not the served model"}},
 )
 async def retrieve_model(model: str, service: Service) -> ModelCard:
-    """The served model's card (OpenAI's models.retrieve); 404 for any other id."""
-    family = service.runtime.family
-    if family is None or model != family.model_id:
+    """A served model's card (OpenAI's models.retrieve); 404 for any other id."""
+    if model not in (service.runtime.families or {}):
         raise ModelNotFound(f"The model '{model}' does not exist")
-    return ModelCard(id=family.model_id, created=STARTED, owned_by=OWNED_BY)
+    return ModelCard(id=model, created=STARTED, owned_by=OWNED_BY)
 
 
 @router.post(
@@ -88,8 +90,8 @@ async def retrieve_model(model: str, service: Service) -> ModelCard:
     summary="Create images from a prompt (OpenAI's images.generate)",
 )
 async def create_images(body: ImageGenerateRequest, request: Request, service: Service):
-    _served_family(service, body.model)
-    return await _generate(body, convert.image_request(body), request, service)
+    family = _chosen_model(service, body.model, GENERATE_PREFERENCE)
+    return await _generate(body, convert.image_request(body), request, service, family)
 
 
 @router.post(
@@ -98,14 +100,17 @@ async def create_images(body: ImageGenerateRequest, request: Request, service: S
     response_model=ImagesResponse,
     response_model_exclude_unset=True,
     responses=ERRORS,
-    summary="Edit an image (OpenAI's images.edit): inpainting with a mask, image-to-image without",
+    summary="Edit an image (OpenAI's images.edit): Kontext (no mask) or Fill (a mask) when served, else "
+    "FLUX.1-dev's image-to-image or inpainting",
 )
 async def edit_images(form: Annotated[ImageEditForm, Form()], request: Request, service: Service):
-    family = _served_family(service, form.model)
+    preference = EDIT_WITH_MASK_PREFERENCE if form.mask is not None else EDIT_PREFERENCE
+    family = _chosen_model(service, form.model, preference)
     if not family.image_inputs:
         raise InvalidField("image", f"{family.model_id} is text-to-image only: use /v1/images/generations")
     init, mask = await _read_uploads(form, service)
-    return await _generate(form, convert.image_request(form, init, mask, form.strength), request, service)
+    image_request = convert.image_request(form, init, mask, form.strength)
+    return await _generate(form, image_request, request, service, family)
 
 
 @router.get(
@@ -123,11 +128,23 @@ async def image_link(token: str, service: Service) -> Response:
     return Response(image, media_type=media_type, headers={"Cache-Control": "private, no-transform"})
 
 
-def _served_family(service: GenerationService, model: str | None) -> Family:
-    family = service.runtime.served_family()
-    if model is not None and model != family.model_id:
-        raise InvalidField("model", f"unknown model {model!r}; this server serves: {family.model_id}")
-    return family
+# Without `model`, the first of these served (else the first model served); docs/openai.md.
+GENERATE_PREFERENCE = (FLUX_DEV, FLUX_SCHNELL)
+EDIT_PREFERENCE = (FLUX_KONTEXT_DEV, FLUX_DEV)
+EDIT_WITH_MASK_PREFERENCE = (FLUX_FILL_DEV, FLUX_DEV)
+
+
+def _chosen_model(service: GenerationService, model: str | None, preference: tuple[str, ...]) -> Family:
+    """`model` if served (a 400 listing the served ones otherwise); without it, by `preference`."""
+    served = service.runtime.served_families()
+    if model is not None:
+        if model not in served:
+            raise InvalidField("model", f"unknown model {model!r}; this server serves: {', '.join(served)}")
+        return served[model]
+    for model_id in preference:
+        if model_id in served:
+            return served[model_id]
+    return next(iter(served.values()))
 
 
 async def _read_uploads(
@@ -144,12 +161,16 @@ async def _read_uploads(
 
 
 async def _generate(
-    options: ImageOptions, image_request: ImageRequest, request: Request, service: GenerationService
+    options: ImageOptions,
+    image_request: ImageRequest,
+    request: Request,
+    service: GenerationService,
+    family: Family,
 ) -> ImagesResponse:
     fields: dict = request.state.log
     who = caller(request, api="openai")
     try:
-        spec = await service.generation.prepare(image_request)
+        spec = await service.generation.prepare(image_request, family=family, space=asset_space(request))
         log_spec(fields, spec, with_prompt=False)
         encoding = options.encoding
         files, generated = await service.generation.generate(

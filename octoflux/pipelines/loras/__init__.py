@@ -19,6 +19,7 @@ from octoflux.pipelines.loras.files import (
     ModuleShapes,
     file_sha256,
     linear_shapes,
+    lora_key,
     lora_name,
     read_lora,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ModuleShapes",
     "file_sha256",
     "linear_shapes",
+    "lora_key",
     "lora_name",
     "read_lora",
 ]

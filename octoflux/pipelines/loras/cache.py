@@ -27,9 +27,10 @@ from octoflux.pipelines.loras.files import (
     ModuleShapes,
     file_sha256,
     linear_shapes,
-    lora_name,
+    lora_key,
     not_found,
     read_lora,
+    shown_name,
 )
 from octoflux.pipelines.loras.slots import LoraSlots
 
@@ -122,7 +123,7 @@ class LoraCache:
         """Load what is missing or changed on disk, then make exactly these adapters active."""
         wanted: dict[str, float] = {}
         for ref, weight in loras.items():
-            name = lora_name(ref)
+            name = lora_key(ref)
             wanted[name] = wanted.get(name, 0.0) + weight
         if self.slots is not None and len(wanted) > len(self.slots.names):
             raise LoraInvalid(
@@ -165,7 +166,7 @@ class LoraCache:
         try:
             fingerprint = file_fingerprint(path)
         except FileNotFoundError:
-            raise not_found(name, path) from None
+            raise not_found(shown_name(name), path) from None
         entry = self._resident.get(name)
         if entry is not None:
             # Same mtime, size and inode; or touched but not changed.
@@ -181,10 +182,11 @@ class LoraCache:
 
     def _load(self, name: str, path: Path, fingerprint: tuple[int, int, int]) -> Adapter:
         started = time.perf_counter()
+        shown = shown_name(name)
         try:
-            lora = read_lora(path, name, self.shapes, self.max_bytes)
+            lora = read_lora(path, shown, self.shapes, self.max_bytes)
         except FileNotFoundError:  # deleted between the request's check and now
-            raise LoraNotFound(name, f"unknown LoRA {name!r}: {path.name} was removed") from None
+            raise LoraNotFound(shown, f"unknown LoRA {shown!r}: {path.name} was removed") from None
         if self.slots is not None:
             self.slots.check(lora)
         self._counter += 1
@@ -193,7 +195,7 @@ class LoraCache:
             adapters.attach(self.pipe, lora, adapter, transformer=self.slots is None)
         except Exception as exc:
             self._active = None
-            raise LoraInvalid(name, f"LoRA {name!r} could not be attached to the pipeline: {exc}") from exc
+            raise LoraInvalid(shown, f"LoRA {shown!r} could not be attached to the pipeline: {exc}") from exc
         entry = Adapter(name, adapter, fingerprint, lora.sha256, lora.components, lora.rank)
         if self.slots is not None:
             entry.lora = lora

@@ -21,7 +21,10 @@ import torch
 from octoflux.pipelines.errors import LoraError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+SPACE_PATTERN = re.compile(r"[0-9a-f]{64}")
 SUFFIX = ".safetensors"
+# Files one API key owns: `<folder>/.tenants/<space>/<name>.safetensors`, its key `<space>/<name>`.
+TENANTS = ".tenants"
 COMPONENTS = ("transformer", "text_encoder")
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights puts the PEFT config
@@ -68,6 +71,21 @@ def lora_name(ref: str) -> str:
     return name
 
 
+def lora_key(ref: str) -> str:
+    """The cache's key for a LoRA: a shared file's name, or `<space>/<name>` for one an API key owns."""
+    space, slash, name = ref.rpartition("/")
+    if not slash:
+        return lora_name(ref)
+    if not SPACE_PATTERN.fullmatch(space):
+        raise LoraInvalid(ref, f"LoRA name {ref!r} must be 1-128 characters from A-Z a-z 0-9 . _ -")
+    return f"{space}/{lora_name(name)}"
+
+
+def shown_name(key: str) -> str:
+    """A LoRA key as its owner named it (without the space), for messages."""
+    return key.rpartition("/")[2]
+
+
 def not_found(ref: str, path: Path) -> LoraNotFound:
     return LoraNotFound(ref, f"unknown LoRA {ref!r}: no {path.name} in the LoRA folder")
 
@@ -79,8 +97,11 @@ class LoraLibrary:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def path(self, name: str) -> Path:
-        return self.directory / f"{lora_name(name)}{SUFFIX}"
+    def path(self, key: str) -> Path:
+        """The file of a shared name or of an owned `<space>/<name>` key (see `lora_key`)."""
+        space, _, name = lora_key(key).rpartition("/")
+        folder = self.directory / TENANTS / space if space else self.directory
+        return folder / f"{name}{SUFFIX}"
 
     def resolve(self, ref: str) -> Path:
         """The file for `ref`, or LoraNotFound naming it."""
@@ -88,6 +109,17 @@ class LoraLibrary:
         if not path.is_file():
             raise not_found(ref, path)
         return path
+
+    def resolve_key(self, ref: str, space: str | None = None) -> str:
+        """The key `ref` names for a caller whose own LoRAs are in `space`: its own file first, then
+        the shared one of that name; LoraNotFound naming `ref` if neither exists."""
+        name = lora_name(ref)
+        if space is not None and self.path(f"{space}/{name}").is_file():
+            return f"{space}/{name}"
+        path = self.path(name)
+        if not path.is_file():
+            raise not_found(ref, path)
+        return name
 
     def names(self) -> list[str]:
         stems = (p.name[: -len(SUFFIX)] for p in self.directory.glob(f"*{SUFFIX}") if p.is_file())

@@ -1,4 +1,5 @@
-// The playground page: builds OctoAI generate requests, follows async jobs, shows the results.
+// The playground page: builds OctoAI generate requests for the served models, follows async jobs, shows
+// the results.
 import { Api, ApiError, sleep, sseEvents } from "./api.js";
 import { MaskPainter } from "./mask.js";
 
@@ -19,6 +20,30 @@ export const SIZES = [
   [1344, 768, "7:4"],
   [1536, 640, "12:5"],
 ];
+// FLUX.1 Kontext's training resolutions (octoflux/core/models.py KONTEXT_RESOLUTIONS): sent without a size,
+// a Kontext edit comes back at the one nearest the picture's aspect.
+export const KONTEXT_SIZES = [
+  [672, 1568], [688, 1504], [720, 1456], [752, 1392], [800, 1328], [832, 1248],
+  [880, 1184], [944, 1104], [1024, 1024], [1104, 944], [1184, 880], [1248, 832],
+  [1328, 800], [1392, 752], [1456, 720], [1504, 688], [1568, 672],
+];
+// Each model's defaults (octoflux/pipelines/family.py FAMILIES; guidance null: it takes none) and the
+// modes the page offers for it. Written as JSON so that the tests can compare it with the server's.
+export const MODELS = {
+  "flux-dev": {"title": "FLUX.1-dev", "steps": 30, "guidance": 3.5, "modes": ["text", "image", "inpaint"]},
+  "flux-schnell": {"title": "FLUX.1-schnell", "steps": 4, "guidance": null, "modes": ["text"]},
+  "flux-kontext-dev": {"title": "FLUX.1-Kontext-dev", "steps": 28, "guidance": 2.5, "modes": ["edit"]},
+  "flux-fill-dev": {"title": "FLUX.1-Fill-dev", "steps": 50, "guidance": 30.0, "modes": ["inpaint", "outpaint"]}
+};
+const MODE_NAMES = {
+  text: "text to image",
+  image: "image to image",
+  inpaint: "inpaint",
+  edit: "edit by instruction",
+  outpaint: "outpaint",
+};
+const AUTO = "auto"; // the size select's "the server picks" value
+const SIDES = ["left", "right", "top", "bottom"];
 const TOKEN_KEY = "octoflux-token"; // sessionStorage: gone when the tab closes
 const POLL_MS = 500;
 const FINAL = new Set(["completed", "failed", "cancelled"]);
@@ -36,6 +61,7 @@ const FIELD_CONTROLS = {
   init_image: "init-image",
   mask_image: "mask-image",
   strength: "strength",
+  outpaint: "outpaint",
 };
 
 const $ = (id) => document.getElementById(id);
@@ -46,6 +72,8 @@ let init = null; // {b64, dataUrl, width, height}
 let job = null; // the running job: {id, pollUrl}
 let bannerTimer = null;
 let runs = 0; // numbers the gallery's runs, oldest 1
+let model = "flux-dev"; // until GET /v1/models says what the server serves
+let sizeList = null; // which list the size select holds: "flux", "kontext" or "outpaint"
 
 // ------------------------------------------------------------------ messages
 
@@ -130,13 +158,100 @@ function showError(err, fields = FIELD_CONTROLS) {
 
 // ------------------------------------------------------------------ form
 
+function modelInfo(id = model) {
+  return MODELS[id] || { title: id, steps: null, guidance: undefined, modes: ["text"] };
+}
+
+/** The size select's options for the mode: FLUX.1's sizes; Kontext's (and "from the picture"); or none. */
 function fillSizes() {
   const select = $("size");
-  for (const [width, height, ratio] of SIZES) {
-    const option = new Option(`${width} × ${height} (${ratio})`, `${width}x${height}`);
-    select.add(option);
+  const current = mode();
+  const list = current === "edit" ? "kontext" : current === "outpaint" ? "outpaint" : "flux";
+  select.disabled = list === "outpaint";
+  if (list === sizeList) {
+    showAutoSize();
+    return;
   }
-  select.value = "1024x1024";
+  sizeList = list;
+  select.replaceChildren();
+  const flux = SIZES.map(([width, height, ratio]) => new Option(`${width} × ${height} (${ratio})`, `${width}x${height}`));
+  if (list === "outpaint") {
+    select.add(new Option("auto: picture + outpaint", AUTO));
+  } else if (list === "kontext") {
+    select.add(new Option("", AUTO));
+    const trained = document.createElement("optgroup");
+    trained.label = "Kontext's training sizes";
+    trained.append(...KONTEXT_SIZES.map(([width, height]) => new Option(`${width} × ${height}`, `${width}x${height}`)));
+    const others = document.createElement("optgroup");
+    others.label = "FLUX.1 sizes";
+    others.append(...flux.filter((option) => !KONTEXT_SIZES.some(([w, h]) => option.value === `${w}x${h}`)));
+    select.append(trained, others);
+  } else {
+    for (const option of flux) select.add(option);
+  }
+  if (list !== "flux") select.value = AUTO;
+  else if (init) select.value = nearestSize(init.width, init.height).slice(0, 2).join("x");
+  else select.value = "1024x1024";
+  showAutoSize();
+}
+
+/** The size Kontext picks for the picture: its training size nearest in aspect (as the server does). */
+export function kontextSize(width, height) {
+  const aspect = width / height;
+  return KONTEXT_SIZES.reduce((best, size) =>
+    Math.abs(aspect - size[0] / size[1]) < Math.abs(aspect - best[0] / best[1]) ? size : best,
+  );
+}
+
+function outpaintSides() {
+  return Object.fromEntries(SIDES.map((side) => [side, Math.max(0, Math.trunc(Number($(`outpaint-${side}`).value) || 0))]));
+}
+
+function outpaintSize() {
+  if (!init) return null;
+  const sides = outpaintSides();
+  return [init.width + sides.left + sides.right, init.height + sides.top + sides.bottom];
+}
+
+/** In outpaint mode the picture is shown inside a hatched frame of the result's proportions. */
+function frameOutpaint(size) {
+  const view = $("init-view");
+  const framed = mode() === "outpaint" && size !== null;
+  view.classList.toggle("outpainting", framed);
+  // Padding percentages are of the width: each side's pixels over the result's width.
+  const sides = outpaintSides();
+  for (const side of SIDES) {
+    view.style[`padding${side[0].toUpperCase()}${side.slice(1)}`] = framed ? `${(100 * sides[side]) / size[0]}%` : "";
+  }
+}
+
+/** The size the server will pick where the page sends none: Kontext's choice, or the outpainted size. */
+function showAutoSize() {
+  const auto = [...$("size").options].find((option) => option.value === AUTO);
+  if (auto && sizeList === "kontext") {
+    auto.text = init
+      ? `auto: ${kontextSize(init.width, init.height).join(" × ")}`
+      : "auto (from the picture's aspect)";
+  }
+  const shown = $("outpaint-size");
+  const size = outpaintSize();
+  frameOutpaint(size);
+  shown.classList.remove("bad");
+  if (!size) {
+    shown.textContent = "Choose a picture to see the size.";
+    delete shown.dataset.size;
+    return;
+  }
+  const [width, height] = size;
+  const supported = SIZES.some(([w, h]) => w === width && h === height);
+  const added = width !== init.width || height !== init.height;
+  shown.dataset.size = `${width}x${height}`;
+  shown.textContent = `Result: ${width} × ${height}`;
+  if (!added) shown.textContent += " (nothing added yet)";
+  else if (!supported) {
+    shown.textContent += ", not a supported size: see the Size list";
+    shown.classList.add("bad");
+  }
 }
 
 function mode() {
@@ -149,13 +264,14 @@ function numberOf(id) {
 }
 
 function buildBody() {
-  const [width, height] = $("size").value.split("x").map(Number);
+  const current = mode();
+  const [width, height] = $("size").value === AUTO ? [] : $("size").value.split("x").map(Number);
   const body = {
     prompt: $("prompt").value,
     width,
     height,
     steps: numberOf("steps"),
-    cfg_scale: numberOf("guidance"),
+    cfg_scale: $("guidance").disabled ? undefined : numberOf("guidance"),
     num_images: numberOf("num-images"),
     image_encoding: document.querySelector('input[name="encoding"]:checked').value,
   };
@@ -165,14 +281,19 @@ function buildBody() {
     if (item.querySelector(".lora-use").checked) loras[item.dataset.name] = Number(item.querySelector(".lora-weight").value);
   }
   if (Object.keys(loras).length) body.loras = loras;
-  if (mode() !== "text") {
+  if (current !== "text") {
     if (!init) throw new FieldError("init-image", "Choose or drop an init image first.");
     body.init_image = init.b64;
-    body.strength = Number($("strength").value);
   }
-  if (mode() === "inpaint") {
+  if (current === "image" || current === "inpaint") body.strength = Number($("strength").value);
+  if (current === "inpaint") {
     if (painter.isEmpty()) throw new FieldError("mask-image", "Paint the area to repaint first.");
     body.mask_image = painter.toPngBase64();
+  }
+  if (current === "outpaint") {
+    body.outpaint = outpaintSides();
+    // The size is the picture's plus the border; sent, so that the server renders exactly that.
+    [body.width, body.height] = outpaintSize();
   }
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   return body;
@@ -185,14 +306,65 @@ class FieldError extends Error {
   }
 }
 
+const PROMPT_PLACEHOLDER = "a lighthouse on a cliff at dawn, oil painting";
+const INSTRUCTION_PLACEHOLDER = "make the sky stormy and keep everything else";
+
 function updateModeControls() {
   const current = mode();
   $("init-controls").hidden = current === "text";
   $("mask-tools").hidden = current !== "inpaint";
   $("mask-canvas").hidden = current !== "inpaint";
+  $("outpaint-tools").hidden = current !== "outpaint";
+  $("strength-tools").hidden = current !== "image" && current !== "inpaint";
   // The server's defaults: 0.8 for image to image, 1.0 (repaint from scratch) for inpainting.
   $("strength").value = current === "inpaint" ? "1" : "0.8";
   $("strength-out").value = Number($("strength").value).toFixed(2);
+  $("prompt-label").textContent = current === "edit" ? "Instruction" : "Prompt";
+  $("prompt").placeholder = current === "edit" ? INSTRUCTION_PLACEHOLDER : PROMPT_PLACEHOLDER;
+  fillSizes();
+}
+
+function checkMode(value) {
+  document.querySelector(`input[name="mode"][value="${value}"]`).checked = true;
+}
+
+// ------------------------------------------------------------------ models
+
+/** Show the model's modes only, keeping the current one where it has it; set its defaults. */
+function selectModel(id) {
+  model = id;
+  const info = modelInfo();
+  if ([...$("model").options].some((option) => option.value === id)) $("model").value = id;
+  if (info.steps !== null) $("steps").value = String(info.steps);
+  $("guidance").disabled = info.guidance === null;
+  if (info.guidance === null) $("guidance").value = "";
+  else if (info.guidance !== undefined) $("guidance").value = String(info.guidance);
+  const guidance = info.guidance === null ? "; it takes no guidance" : info.guidance ? `, guidance ${info.guidance}` : "";
+  $("defaults-hint").textContent = info.steps !== null ? `${info.title} defaults: ${info.steps} steps${guidance}.` : "";
+  $("model-hint").textContent = `${info.modes.map((m) => MODE_NAMES[m]).join(", ")}; POST /generate/${id}`;
+  for (const radio of document.querySelectorAll('input[name="mode"]')) {
+    radio.closest("label").hidden = !info.modes.includes(radio.value);
+  }
+  $("init").hidden = info.modes.every((m) => m === "text");
+  if (!info.modes.includes(mode())) checkMode((init && info.modes.find((m) => m !== "text")) || info.modes[0]);
+  updateModeControls();
+}
+
+/** The picker lists what the server serves (GET /v1/models); it is hidden when that is one model. */
+async function refreshModels() {
+  let ids;
+  try {
+    ids = (await api.json("GET", "/v1/models")).data.map((card) => card.id);
+  } catch {
+    return; // a 401 without a token (refreshLoras reports it): the page stays on flux-dev until then
+  }
+  if (!ids.length) return;
+  $("model").replaceChildren(...ids.map((id) => new Option(`${modelInfo(id).title} (${id})`, id)));
+  $("model-group").hidden = ids.length < 2;
+  // The current model's defaults are not put back: the user may have changed them already.
+  if (ids.includes(model)) $("model").value = model;
+  else selectModel(ids[0]);
+  document.body.dataset.models = ids.join(" ");
 }
 
 // ------------------------------------------------------------------ init image and mask
@@ -221,12 +393,16 @@ async function setInit(dataUrl) {
   $("init-preview").src = dataUrl;
   painter.reset(init.width, init.height);
   $("init-view").hidden = false;
-  const [w, h] = nearestSize(init.width, init.height);
-  $("size").value = `${w}x${h}`;
-  if (mode() === "text") {
-    document.querySelector('input[name="mode"][value="image"]').checked = true;
+  if (sizeList === "flux") {
+    const [w, h] = nearestSize(init.width, init.height);
+    $("size").value = `${w}x${h}`;
+  }
+  const imageMode = modelInfo().modes.find((m) => m !== "text");
+  if (mode() === "text" && imageMode) {
+    checkMode(imageMode);
     updateModeControls();
   }
+  showAutoSize();
 }
 
 async function setInitFromFile(file) {
@@ -250,7 +426,7 @@ function clearInit() {
   $("init-preview").removeAttribute("src");
   $("init-view").hidden = true;
   $("init-file").value = "";
-  document.querySelector('input[name="mode"][value="text"]').checked = true;
+  if (modelInfo().modes.includes("text")) checkMode("text");
   updateModeControls();
 }
 
@@ -312,11 +488,12 @@ async function generate() {
     fieldError(err.control, err.message);
     return;
   }
+  const run = { model, mode: mode() };
   setRunning(true);
   setStatus("Submitting…");
   const started = performance.now();
   try {
-    const accepted = await api.json("POST", "/generate/flux-dev", {
+    const accepted = await api.json("POST", `/generate/${encodeURIComponent(run.model)}`, {
       json: body,
       headers: { "X-OctoAI-Async": "1" },
     });
@@ -325,7 +502,7 @@ async function generate() {
     const outcome = await follow(job);
     if (outcome.status === "completed") {
       const result = await api.json("GET", outcome.response_url);
-      addResults(result, body);
+      addResults(result, body, run);
       setStatus(`Done: ${result.images.length} image(s) in ${((performance.now() - started) / 1000).toFixed(1)} s.`);
     } else if (outcome.status === "cancelled") {
       setStatus("Cancelled.");
@@ -367,15 +544,17 @@ function button(text, onClick) {
   return element;
 }
 
-function addResults(result, body) {
+function addResults(result, body, { model: used, mode: usedMode }) {
   const run = document.createElement("section");
   run.className = "run";
   runs += 1;
   run.dataset.run = String(runs);
   const heading = document.createElement("p");
   heading.className = "run-info";
-  const mode = body.mask_image ? "inpaint" : body.init_image ? "image to image" : "text to image";
-  heading.textContent = `${mode} · ${body.steps ?? 30} steps · ${Math.round(result.prediction_time_ms)} ms · “${body.prompt}”`;
+  const info = modelInfo(used);
+  const steps = body.steps ?? info.steps;
+  const time = `${Math.round(result.prediction_time_ms)} ms`;
+  heading.textContent = `${info.title} · ${MODE_NAMES[usedMode]} · ${steps} steps · ${time} · “${body.prompt}”`;
   run.append(heading);
   for (const image of result.images) {
     const mime = mimeOf(image.image_b64);
@@ -534,10 +713,30 @@ async function uploadLora() {
   }
 }
 
+// ------------------------------------------------------------------ the key in use
+
+/** One line under the token: which key the server took it for, its scopes and its limits. */
+async function refreshKey() {
+  const line = $("key-info");
+  try {
+    const key = await api.json("GET", "/v1/whoami");
+    if (!key.auth) {
+      line.textContent = "This server needs no key: every request may do everything.";
+      return;
+    }
+    const limits = [
+      key.max_queued != null ? `at most ${key.max_queued} queued` : null,
+      key.images_per_minute != null ? `${key.images_per_minute} images a minute` : null,
+    ].filter(Boolean);
+    line.textContent = `Key “${key.name}” · ${key.scopes.join(", ")} · ${limits.join(" · ") || "no limits"}`;
+  } catch (err) {
+    line.textContent = err instanceof ApiError && err.status === 401 ? "No key in use." : "";
+  }
+}
+
 // ------------------------------------------------------------------ wiring
 
 function wire() {
-  fillSizes();
   $("token").value = token;
   $("token").addEventListener("input", () => {
     token = $("token").value.trim();
@@ -546,8 +745,15 @@ function wire() {
   });
   $("token").addEventListener("change", () => {
     clearErrors();
+    refreshKey();
     refreshLoras();
+    refreshModels();
   });
+  $("model").addEventListener("change", () => {
+    clearErrors();
+    selectModel($("model").value);
+  });
+  for (const side of SIDES) $(`outpaint-${side}`).addEventListener("input", showAutoSize);
   $("random-seed").addEventListener("change", () => {
     $("seed").disabled = $("random-seed").checked;
   });
@@ -608,8 +814,10 @@ function wire() {
       generate();
     }
   });
-  updateModeControls();
+  selectModel(model);
+  refreshKey();
   refreshLoras();
+  refreshModels();
   document.body.dataset.ready = "true"; // the page's scripts have run
 }
 

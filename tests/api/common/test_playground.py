@@ -8,6 +8,7 @@ Each flow saves a screenshot under test-artifacts/playground/.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -347,6 +348,15 @@ def test_uploaded_lora_becomes_ready_and_a_broken_one_is_rejected_with_the_reaso
     assert playground.generate_requests == []
 
 
+def test_the_page_shows_the_key_in_use_and_its_limits(playground):
+    page = playground.page
+    playground.open()
+    name = f"key-{hashlib.sha256(TOKEN.encode()).hexdigest()[:8]}"
+    page.wait_for_selector(f"#key-info:has-text('{name}')")
+    assert page.inner_text("#key-info") == f"Key “{name}” · assets, generate, metrics · no limits"
+    assert TOKEN not in page.inner_text("body")
+
+
 def test_a_bad_token_is_reported_next_to_the_token_field(playground):
     page = playground.page
     playground.open(token="not-the-key")
@@ -571,3 +581,15 @@ def test_no_cors_origins_means_no_cors_at_all():
         "https://a.example",
         "http://b.example:8080",
     ]
+
+
+def test_a_one_model_server_shows_no_model_picker(playground):
+    page = playground.page
+    playground.open()
+    page.wait_for_selector('body[data-models="flux-dev"]', state="attached")
+    assert page.locator("#model-group").count() == 1 and page.is_hidden("#model-group")
+    modes = page.eval_on_selector_all(
+        'input[name="mode"]', "radios => radios.filter(r => !r.closest('label').hidden).map(r => r.value)"
+    )
+    assert modes == ["text", "image", "inpaint"]
+    assert page.input_value("#steps") == "30" and page.input_value("#guidance") == "3.5"

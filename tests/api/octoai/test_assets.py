@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 import time
@@ -25,6 +26,13 @@ from octoflux.pipelines.tiny_lora import make_lora, save_diffusers, save_raw
 def fast_polling(monkeypatch):
     """The SDK polls an asset every 10 s; same requests, shorter sleeps."""
     monkeypatch.setattr(UploadingAssetLibraryClient.wait_for_ready, "__defaults__", (0.1, 60, OMIT))
+
+
+def owned_file(live, name: str):
+    """Where an asset KEY uploaded lives: that key's own space of the LoRA folder."""
+    return (
+        live.settings.lora_dir / ".tenants" / hashlib.sha256(KEY.encode()).hexdigest() / f"{name}.safetensors"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +94,7 @@ def test_sdk_upload_then_list_get_use_and_delete(live, files):
     )
     size = files["style"].stat().st_size
     assert (asset.status, asset.name, asset.size_bytes) == ("ready", "uploaded-style", size)
-    assert (live.settings.lora_dir / "uploaded-style.safetensors").read_bytes() == files["style"].read_bytes()
+    assert owned_file(live, "uploaded-style").read_bytes() == files["style"].read_bytes()
 
     listed = client.asset_library.list()
     assert [a.id for a in listed.data if a.name == "uploaded-style"] == [asset.id]
@@ -102,7 +110,7 @@ def test_sdk_upload_then_list_get_use_and_delete(live, files):
 
     deleted = client.asset_library.delete(asset.id)
     assert deleted.id == asset.id
-    assert not (live.settings.lora_dir / "uploaded-style.safetensors").exists()
+    assert not owned_file(live, "uploaded-style").exists()
     assert all(a.name != "uploaded-style" for a in client.asset_library.list().data)
     body = {"prompt": "x", "width": 512, "height": 512, "steps": STEPS, "loras": {"uploaded-style": 1.0}}
     response = httpx.post(f"{live.url}/generate/flux-dev", json=body, headers=AUTH)
@@ -126,7 +134,7 @@ def test_half_written_upload_is_never_a_usable_lora(live, files):
     put = httpx.put(created["transfer_api"]["put_url"], content=files["style"].read_bytes())
     assert put.status_code == 200
     # uploaded but not completed: not in the folder, not usable, status says so
-    assert not (live.settings.lora_dir / "half.safetensors").exists()
+    assert not owned_file(live, "half").exists()
     body = {"prompt": "x", "width": 512, "height": 512, "steps": STEPS, "loras": {"half": 1.0}}
     assert httpx.post(f"{live.url}/generate/flux-dev", json=body, headers=AUTH).status_code == 422
     asset = httpx.get(f"{live.url}/v1/assets/half", headers=AUTH).json()["asset"]
@@ -162,7 +170,7 @@ def test_rejected_uploads_each_say_why(live):
         asset = upload(live, name, content)
         assert asset["status"] == "rejected", name
         assert reason in asset["status_details"], (name, asset["status_details"])
-        assert not (live.settings.lora_dir / f"{name}.safetensors").exists()
+        assert not owned_file(live, name).exists()
 
 
 def test_sdk_reports_a_rejected_upload(live, tmp_path):
@@ -220,7 +228,7 @@ def test_two_concurrent_sdk_uploads(live, files):
     assert not errors
     assert {a.status for a in results.values()} == {"ready"}
     for name in ("style", "detail"):
-        assert (live.settings.lora_dir / f"c-{name}.safetensors").read_bytes() == files[name].read_bytes()
+        assert owned_file(live, f"c-{name}").read_bytes() == files[name].read_bytes()
     base = image(live)
     assert np.abs(image(live, {"c-style": 1.0, "c-detail": 1.0}) - base).mean() > 0.3
 

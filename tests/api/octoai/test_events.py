@@ -214,10 +214,11 @@ def test_a_malformed_last_event_id_is_a_422_naming_the_header(server, last_event
 
 def test_a_watcher_on_another_replica_follows_the_job(server_factory, server, control):
     """Two processes on one state store: the job runs on one, the stream is served by the other."""
+    # Parked on `server` before the other starts: a process sharing the store takes any waiting job.
+    accepted, gate, _ = watch_held_job(server, control, "a distant moon", watchers=0)
     with server_factory(
         warmup=False, api_keys=KEY, state_dir=server.settings.state_dir, wait_ready=False
     ) as other_replica:
-        accepted, gate, _ = watch_held_job(server, control, "a distant moon", watchers=0)
         watcher = Watcher(f"{other_replica.url}/v1/responses/{accepted['response_id']}/events")
         assert watcher.connected.wait(WAIT)
         gate.set()

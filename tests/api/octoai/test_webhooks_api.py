@@ -182,7 +182,9 @@ def test_webhook_header_without_a_secret_is_a_422(server_factory, receiver):
     assert "no webhook secret" in message and "--webhook-secret" in message
 
 
-def test_delivery_survives_a_restart_and_orphans_are_announced(server_factory, receiver, tmp_path):
+def test_delivery_survives_a_restart_and_a_job_out_of_attempts_is_announced(
+    server_factory, receiver, tmp_path
+):
     settings = dict(warmup=False, webhook_secret=SECRET, webhook_allow_private=True, state_dir=tmp_path)
     with server_factory(**settings) as first:
         response_id = submit(first, f"{receiver.base}/hook/fail-once", "a restarted lighthouse").json()[
@@ -190,10 +192,12 @@ def test_delivery_survives_a_restart_and_orphans_are_announced(server_factory, r
         ]
         calls_for(receiver, "fail-once", response_id)  # the first attempt got a 500; a retry is ~3 s away
     stopped_at = time.time()
-    # A job whose replica died without a trace: the next process fails it and says so.
+    # A job whose process died on its last attempt (the lease lapsed): the next process fails it and says so.
     store = open_state_store(f"sqlite:///{tmp_path.resolve()}/state.db")
     hook = f"{receiver.base}/hook/orphan"
-    store.create_job(JobRecord("orphan-1", None, "req", time.time(), replica="gone", webhook_url=hook))
+    lost = JobRecord("orphan-1", None, "req", time.time(), replica="gone", status="running", webhook_url=hook)
+    lost.attempts, lost.lease_until = 2, time.time() - 1
+    store.create_job(lost)
     store.close()
 
     with server_factory(**settings, wait_ready=False):

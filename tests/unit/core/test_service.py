@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from helpers.engine_control import WAIT
 from helpers.requests import STEPS
 from PIL import Image
 
+from octoflux.core import renderers
 from octoflux.core.errors import Conflict, InvalidField, NotFound, NotReady, ShuttingDown
 from octoflux.core.request import Caller, ImageRequest
 from octoflux.core.service import GenerationService
@@ -35,9 +37,23 @@ async def never_gone() -> None:
     await asyncio.Event().wait()
 
 
-def seeds_of(generated) -> bytes:
+def seeds_of(generated, options: dict | None = None) -> bytes:
     """A stand-in dialect body: the seeds, as a dialect would render them."""
     return repr([item.seed for item in generated.images]).encode()
+
+
+SEEDS_DIALECT = "test-seeds"
+renderers.register(SEEDS_DIALECT, seeds_of)
+
+
+@contextlib.asynccontextmanager
+async def leasing(service):
+    """The service's state keeper (which leases queued async jobs) running for the block."""
+    keeper = asyncio.ensure_future(service.async_jobs.keep_state())
+    try:
+        yield
+    finally:
+        keeper.cancel()
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +103,12 @@ def test_async_job_is_polled_then_its_body_read_and_it_cannot_be_cancelled_after
     async def run():
         jobs = service.async_jobs
         spec = await service.generation.prepare(request("async"))
-        record = await jobs.start(spec, Caller(request_id="r2", api="async", owner="alice"), seeds_of)
-        while (await jobs.poll(record.id, "alice")).status not in ("completed", "failed"):
-            await asyncio.sleep(0.02)
+        async with leasing(service):
+            record = await jobs.start(
+                spec, Caller(request_id="r2", api="async", owner="alice"), SEEDS_DIALECT
+            )
+            while (await jobs.poll(record.id, "alice")).status not in ("completed", "failed"):
+                await asyncio.sleep(0.02)
         with pytest.raises(NotFound):
             await jobs.poll(record.id, "bob")
         body = await jobs.result(record.id, "alice")
@@ -107,14 +126,15 @@ def test_cancelling_a_running_async_job_stops_the_worker(service, control):
     async def run():
         jobs = service.async_jobs
         spec = await service.generation.prepare(request("held", steps=8))
-        record = await jobs.start(spec, Caller(request_id="r3", api="async"), seeds_of)
-        await asyncio.to_thread(control.reached["held"].wait, WAIT)
-        assert (await jobs.poll(record.id, None)).status == "running"
-        view = await jobs.cancel_by_owner(record.id, None)
-        gate.set()
-        while service.jobs.in_flight:
-            await asyncio.sleep(0.02)
-        return view, await jobs.poll(record.id, None)
+        async with leasing(service):
+            record = await jobs.start(spec, Caller(request_id="r3", api="async"), SEEDS_DIALECT)
+            await asyncio.to_thread(control.reached["held"].wait, WAIT)
+            assert (await jobs.poll(record.id, None)).status == "running"
+            view = await jobs.cancel_by_owner(record.id, None)
+            gate.set()
+            while service.jobs.in_flight:
+                await asyncio.sleep(0.02)
+            return view, await jobs.poll(record.id, None)
 
     cancelled, later = asyncio.run(asyncio.wait_for(run(), WAIT))
     assert cancelled.status == later.status == "cancelled"

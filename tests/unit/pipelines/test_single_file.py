@@ -135,6 +135,23 @@ def test_q8_0_is_close_to_bf16_and_q4_0_runs_further_off(folder, files, folder_p
     assert Q4_0_MIN_PSNR <= psnr(q4, folder_pixels) < psnr(q8, folder_pixels)
 
 
+def test_torch_compile_cannot_trace_a_gguf_transformer_so_serve_refuses_it(folder, files):
+    """diffusers' GGUF tensors are not traceable by dynamo (fullgraph: "Unsupported tensor subclass"); when
+    this starts passing compile, lift the refusal in single_file.check_transformer_file."""
+    from octoflux.pipelines.optimize import compile_transformer
+
+    pipe = load_flux_pipeline(str(folder), CPU, torch.float32, transformer_file=str(files("gguf:Q8_0")))
+    torch._dynamo.reset()
+    compile_transformer(pipe.transformer, fullgraph=True, backend="aot_eager")
+    try:
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            generate(pipe)
+    finally:
+        torch._dynamo.reset()
+    with pytest.raises(TransformerFileError, match="--optimize compile cannot trace a GGUF transformer"):
+        check_transformer_file(str(files("gguf:Q8_0")), str(folder), optimize="compile")
+
+
 def test_gguf_weights_stay_quantized_and_fp8_weights_stay_fp8(folder, files, folder_pixels):
     gguf = load_flux_pipeline(str(folder), CPU, torch.float32, transformer_file=str(files("gguf:Q8_0")))
     assert gguf.transformer.transformer_blocks[0].attn.to_q.weight.quant_type.name == "Q8_0"
@@ -184,28 +201,36 @@ def test_the_family_is_read_from_the_file(files, tmp_path):
     save_file(state, tmp_path / "my-flux1-kontext-dev.safetensors")
     assert (
         detect_family(inspect_transformer_file(tmp_path / "my-flux1-kontext-dev.safetensors"))
-        == "flux-kontext"
+        == "flux-kontext-dev"
     )
     fill = {**state, "img_in.weight": torch.zeros(32, 384)}  # latents, masked-image latents, packed mask
     save_file(fill, tmp_path / "fill.safetensors")
-    assert detect_family(inspect_transformer_file(tmp_path / "fill.safetensors")) == "flux-fill"
+    assert detect_family(inspect_transformer_file(tmp_path / "fill.safetensors")) == "flux-fill-dev"
 
 
 @pytest.mark.parametrize(
     ("name", "said"),
     [
-        ("my-flux1-kontext-dev.safetensors", "a FLUX.1 Kontext transformer: not served yet"),
-        ("fill.safetensors", "a FLUX.1 Fill transformer: not served yet"),
+        (
+            "my-flux1-kontext-dev.safetensors",
+            "a FLUX.1 Kontext transformer, but --model {base} is FLUX.1-dev's",
+        ),
+        ("fill.safetensors", "a FLUX.1 Fill transformer, but --model {base} is FLUX.1-dev's"),
+        ("depth.safetensors", "a FLUX.1 Depth/Canny transformer: not served yet"),
     ],
 )
-def test_kontext_and_fill_files_are_refused_as_not_served_yet(folder, files, tmp_path, name, said):
+def test_kontext_and_fill_files_need_a_base_of_their_family_and_depth_is_not_served(
+    folder, files, tmp_path, name, said
+):
     state = load_file(files("bf16", "bfl"))
     if name.startswith("fill"):
         state["img_in.weight"] = torch.zeros(32, 384)
+    if name.startswith("depth"):
+        state["img_in.weight"] = torch.zeros(32, 128)
     save_file(state, tmp_path / name)
     with pytest.raises(TransformerFileError) as caught:
         check_transformer_file(str(tmp_path / name), str(folder))
-    assert str(caught.value).startswith(f"--transformer {tmp_path / name}: {said}")
+    assert str(caught.value).startswith(f"--transformer {tmp_path / name}: {said.format(base=folder)}")
 
 
 def test_a_truncated_file_is_named_and_refused(files, tmp_path):

@@ -212,12 +212,13 @@ def test_processes_racing_to_finish_jobs_exactly_one_wins_each(store, store_url)
             assert store.get_body(job_id) == (name + job_id).encode()
 
 
-def test_reopening_keeps_results_and_assets_and_fails_the_unfinished(open_store):
+def test_reopening_keeps_results_and_assets_and_the_queue(open_store):
     first = open_store()
     first.create_job(job("done"))
     first.finish_job("done", COMPLETED, body=BODY)
-    first.create_job(job("queued", replica="dead-server"))
-    first.create_job(job("running", replica="dead-server"))
+    first.enqueue_job(queued("running", "a", 1.0), b"request-1", TTL)
+    first.enqueue_job(queued("queued", "a", 2.0), b"request-2", TTL)
+    assert first.lease_job("dead-server", 30.0, now=NOW).record.id == "running"
     first.mark_running("running")
     first.put_asset("asset_1", {"id": "asset_1", "name": "style", "status": "ready", "size_bytes": 123})
     first.close()
@@ -227,9 +228,11 @@ def test_reopening_keeps_results_and_assets_and_fails_the_unfinished(open_store)
     assert second.get_body("done") == BODY
     asset = {"id": "asset_1", "name": "style", "status": "ready", "size_bytes": 123}
     assert second.get_asset("asset_1") == asset
-    failed = second.fail_orphans(30.0, "the server restarted while the job was queued or running")
-    assert sorted(failed) == ["queued", "running"]
-    assert second.get_job("running").error == "the server restarted while the job was queued or running"
+    assert second.reclaim_lapsed(2, "lost", now=NOW + 29) == []
+    assert second.reclaim_lapsed(2, "lost", now=NOW + 31) == []  # lapsed: back in the queue, not failed
+    again = second.lease_job("next-server", 30.0, now=NOW + 32)
+    assert (again.record.id, again.request, again.record.attempts) == ("running", b"request-1", 2)
+    assert second.lease_job("next-server", 30.0, now=NOW + 32).request == b"request-2"
 
 
 def test_two_stores_on_one_location_see_each_others_writes(open_store):
@@ -253,32 +256,142 @@ def test_two_stores_on_one_location_see_each_others_writes(open_store):
 # ---------------------------------------------------------------- replicas
 
 
-def test_fail_orphans_fails_jobs_of_silent_or_unknown_replicas(store):
-    now = 10_000.0
-    store.heartbeat("alive", now=now - 5)
-    store.heartbeat("silent", now=now - 100)
-    store.create_job(job("a", replica="alive"))
-    store.create_job(job("s-pending", replica="silent"))
-    store.create_job(job("s-running", replica="silent"))
-    store.mark_running("s-running")
-    store.create_job(job("never", replica="never-beat"))
-    store.create_job(job("s-done", replica="silent"))
-    store.finish_job("s-done", COMPLETED, body=b"ok")
+# ---------------------------------------------------------------- the job queue
 
-    failed = store.fail_orphans(30.0, "the worker was lost", now=now)
-    assert sorted(failed) == ["never", "s-pending", "s-running"]
-    for job_id in failed:
-        record = store.get_job(job_id)
-        assert (record.status, record.error, record.error_status) == (FAILED, "the worker was lost", 503)
-        assert record.finished_at == now
-    assert store.get_job("a").status == PENDING
-    assert store.get_job("s-done").status == COMPLETED and store.get_body("s-done") == b"ok"
-    assert store.fail_orphans(30.0, "again", now=now) == []
-    assert store.finish_job("s-running", COMPLETED, body=b"late") is False  # the lost worker came back
+NOW = 10_000.0
+TTL = 3600.0
 
-    store.heartbeat("alive", now=now + 100)  # heartbeats move forward: still alive later
-    assert store.fail_orphans(30.0, "x", now=now + 110) == []
-    assert store.fail_orphans(30.0, "x", now=now + 131) == ["a"]
+
+def queued(job_id: str, owner: str, created_at: float, **extra) -> JobRecord:
+    return JobRecord(job_id, owner, f"req-{job_id}", created_at, replica="accepting", **extra)
+
+
+def leased_ids(store: StateStore, replica: str = "r1") -> list[str]:
+    ids = []
+    while (leased := store.lease_job(replica, 30.0, now=NOW)) is not None:
+        ids.append(leased.record.id)
+    return ids
+
+
+def test_a_queued_job_is_leased_once_with_its_request_and_counted(store):
+    stored = store.enqueue_job(queued("j1", "a", 1.0), b"\x00request\xff", TTL)
+    assert stored.id == "j1" and store.queued_count() == 1
+    leased = store.lease_job("r1", 30.0, now=NOW)
+    assert leased.request == b"\x00request\xff"
+    assert (leased.record.replica, leased.record.attempts, leased.record.lease_until) == ("r1", 1, NOW + 30)
+    assert leased.record.status == PENDING and store.get_job("j1") == leased.record
+    assert store.queued_count() == 0
+    assert store.lease_job("r2", 30.0, now=NOW) is None
+
+
+def test_owners_take_turns_and_each_owner_s_jobs_run_in_order(store):
+    for number in range(1, 13):
+        store.enqueue_job(queued(f"a{number}", "a", float(number)), b"a", TTL)
+    assert store.lease_job("r1", 30.0, now=NOW).record.id == "a1"
+    store.enqueue_job(queued("b1", "b", 20.0), b"b", TTL)
+    store.enqueue_job(queued("none1", None, 21.0), b"n", TTL)
+    store.enqueue_job(queued("b2", "b", 22.0), b"b", TTL)
+    assert leased_ids(store)[:7] == ["b1", "none1", "a2", "b2", "a3", "a4", "a5"]
+
+
+def test_owners_never_served_go_in_the_order_their_first_job_came(store):
+    store.enqueue_job(queued("z1", "z", 1.0), b"z", TTL)
+    store.enqueue_job(queued("a1", "a", 2.0), b"a", TTL)
+    store.enqueue_job(queued("z2", "z", 3.0), b"z", TTL)
+    assert leased_ids(store) == ["z1", "a1", "z2"]
+
+
+def test_a_lapsed_lease_requeues_the_job_until_max_attempts_then_fails_it(store):
+    store.enqueue_job(queued("j1", "a", 1.0), b"r", TTL)
+    store.lease_job("r1", 30.0, now=NOW)
+    store.mark_running("j1")
+    assert store.reclaim_lapsed(2, "lost", now=NOW + 30) == []  # not lapsed yet
+    assert store.get_job("j1").status == RUNNING
+    assert store.reclaim_lapsed(2, "lost", now=NOW + 31) == []
+    assert (store.get_job("j1").status, store.queued_count()) == (PENDING, 1)
+    second = store.lease_job("r2", 30.0, now=NOW + 40)
+    assert second.record.attempts == 2 and second.request == b"r"
+    assert store.reclaim_lapsed(2, "lost twice", now=NOW + 71) == ["j1"]
+    failed = store.get_job("j1")
+    assert (failed.status, failed.error, failed.error_status, failed.finished_at) == (
+        FAILED,
+        "lost twice",
+        503,
+        NOW + 71,
+    )
+    assert failed.lease_until is None and store.lease_job("r3", 30.0, now=NOW + 80) is None
+    assert store.reclaim_lapsed(2, "again", now=NOW + 200) == []
+
+
+def test_renewing_keeps_the_lease_and_only_its_holder_may(store):
+    store.enqueue_job(queued("j1", "a", 1.0), b"r", TTL)
+    store.lease_job("r1", 30.0, now=NOW)
+    assert store.renew_lease("j1", "r2", 30.0, now=NOW + 20) is False
+    assert store.renew_lease("j1", "r1", 30.0, now=NOW + 20) is True
+    assert store.reclaim_lapsed(1, "lost", now=NOW + 45) == []
+    assert store.get_job("j1").lease_until == NOW + 50
+    assert store.finish_job("j1", COMPLETED, body=BODY)
+    assert store.get_job("j1").lease_until is None
+    assert store.renew_lease("j1", "r1", 30.0, now=NOW + 46) is False
+    assert store.reclaim_lapsed(1, "lost", now=NOW + 100) == [] and store.get_job("j1").status == COMPLETED
+
+
+def test_a_released_job_is_queued_again_first_without_counting_the_attempt(store):
+    store.enqueue_job(queued("j1", "a", 1.0), b"r", TTL)
+    store.enqueue_job(queued("j2", "a", 2.0), b"r", TTL)
+    store.lease_job("r1", 30.0, now=NOW)
+    assert store.release_job("j1", "r2") is False  # not its holder
+    assert store.release_job("j1", "r1") is True
+    assert store.release_job("j1", "r1") is False
+    again = store.lease_job("r2", 30.0, now=NOW)
+    assert (again.record.id, again.record.attempts) == ("j1", 1)
+
+
+def test_a_job_cancelled_while_queued_is_never_leased(store):
+    store.enqueue_job(queued("j1", "a", 1.0), b"r", TTL)
+    store.enqueue_job(queued("j2", "a", 2.0), b"r", TTL)
+    assert store.finish_job("j1", CANCELLED, error="cancelled", error_status=409)
+    assert store.queued_count() == 1
+    assert leased_ids(store) == ["j2"]
+
+
+def test_an_idempotency_key_gives_its_owner_the_first_job_until_it_expires(store):
+    first = store.enqueue_job(queued("j1", "a", 1.0, idempotency_key="k", request_hash="h1"), b"r", TTL)
+    again = store.enqueue_job(queued("j2", "a", 2.0, idempotency_key="k", request_hash="h2"), b"r", TTL)
+    assert again == first and store.get_job("j2") is None
+    other_owner = store.enqueue_job(queued("j3", "b", 3.0, idempotency_key="k"), b"r", TTL)
+    anonymous = store.enqueue_job(queued("j4", None, 4.0, idempotency_key="k"), b"r", TTL)
+    assert (other_owner.id, anonymous.id) == ("j3", "j4")
+    assert store.enqueue_job(queued("j5", None, 5.0, idempotency_key="k"), b"r", TTL).id == "j4"
+    store.finish_job("j1", COMPLETED, body=BODY)
+    finished_at = store.get_job("j1").finished_at
+    kept = store.enqueue_job(
+        queued("j6", "a", 6.0, idempotency_key="k"), b"r", TTL, now=finished_at + TTL - 1
+    )
+    assert kept.id == "j1"
+    expired = store.enqueue_job(
+        queued("j7", "a", 7.0, idempotency_key="k"), b"r", TTL, now=finished_at + TTL + 1
+    )
+    assert expired.id == "j7"
+    assert store.enqueue_job(queued("j8", "a", 8.0, idempotency_key="k"), b"r", TTL).id == "j7"
+
+
+def test_processes_racing_to_lease_never_share_a_job(open_store):
+    stores = [open_store(), open_store()]
+    for number in range(40):
+        stores[0].enqueue_job(queued(f"j{number:02d}", f"o{number % 3}", float(number)), b"r", TTL)
+    won: dict[int, list[str]] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def lease_all(index: int) -> None:
+        start.wait()
+        while (leased := stores[index].lease_job(f"r{index}", 30.0)) is not None:
+            won[index].append(leased.record.id)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lease_all, [0, 1]))
+    assert sorted(won[0] + won[1]) == [f"j{number:02d}" for number in range(40)]
+    assert not set(won[0]) & set(won[1])
 
 
 def test_sweep_forgets_old_final_jobs_with_their_bodies_and_events(store):
@@ -616,7 +729,9 @@ def test_a_version_1_sqlite_file_is_migrated_and_keeps_its_jobs(tmp_path):
         )
     store = open_state_store(f"sqlite:///{path}")
     try:
-        assert store.get_job("old").status == PENDING and store.get_job("old").result_url is None
+        # A version-2 job has no stored request to run again: it fails, saying why.
+        old = store.get_job("old")
+        assert (old.status, old.result_url) == (FAILED, None) and "upgraded" in old.error
         store.create_job(JobRecord("new", None, "r", time.time(), "rep", result_url="http://h/new"))
         assert store.get_job("new").result_url == "http://h/new"
         store.put_link("tok", b"png", "image/png", expires_at=time.time() + 60)
