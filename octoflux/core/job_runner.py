@@ -92,8 +92,8 @@ class JobRunner:
             raise
 
     async def _run(self, leased: LeasedJob, worker_free: asyncio.Future[bool]) -> None:
-        """Run one leased job to a stored outcome. `worker_free` turns True once the worker is done with
-        it, False when the job went straight back to the queue."""
+        """Run one leased job to a stored outcome. `worker_free` turns True once its outcome is
+        stored, False when the job went straight back to the queue."""
 
         def free(taken: bool) -> None:  # on the event loop's thread
             if not worker_free.done():
@@ -124,13 +124,8 @@ class JobRunner:
             await self._put_back(job.id)
             free(False)
             return
-        loop = asyncio.get_running_loop()
-
-        def worker_done(_future) -> None:  # on the worker thread
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-                loop.call_soon_threadsafe(free, True)
-
-        job.future.add_done_callback(worker_done)
+        # The next job is leased only once this one's outcome is stored (`_run` frees the worker then): a
+        # next job that kills the process can never cost this one its finished result and an attempt.
         if record.attempts > 1:
             log.info("job %s: attempt %d", job.id, record.attempts)
         await self._renew_until_done(job)
