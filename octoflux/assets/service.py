@@ -27,12 +27,14 @@ class AssetService:
     the heartbeat that keeps this replica's jobs leased.
     """
 
-    def __init__(self, store: AssetStore, max_lora_mb: float, lora_cache: Callable[[], LoraCache | None]):
-        """`lora_cache()` gives the loaded pipeline's LoRA cache (None: it serves no LoRAs), or
-        raises `NotReady` while the model loads."""
+    def __init__(
+        self, store: AssetStore, max_lora_mb: float, lora_caches: Callable[[], dict[str, LoraCache]]
+    ):
+        """`lora_caches()` gives each served model's LoRA cache by model id (empty: no LoRAs are
+        served), or raises `NotReady` while the models load."""
         self.store = store
         self.max_bytes = int(max_lora_mb * 2**20)
-        self._lora_cache = lora_cache
+        self._lora_caches = lora_caches
 
     async def create(
         self, name: str, description: str, data: dict, space: str | None = None
@@ -102,12 +104,12 @@ class AssetService:
         return path
 
     async def complete_upload(self, asset_id: str, space: str | None = None) -> str | None:
-        """Check the staged file against the loaded pipeline, then publish it; the reason if rejected."""
+        """Check the staged file against the served models, then publish it; the reason if rejected."""
         await run_in_threadpool(self.store.accessible, asset_id, space, owned=True)
-        cache = self._lora_cache()
+        caches = self._lora_caches()
         await run_in_threadpool(self.store.begin_validation, asset_id)
         try:
-            await run_in_threadpool(self._validate_and_publish, asset_id, cache)
+            await run_in_threadpool(self._validate_and_publish, asset_id, caches)
         except _Rejected as exc:  # the reason goes to status_details and to the answer
             await run_in_threadpool(self.store.reject, asset_id, str(exc))
             return str(exc)
@@ -117,18 +119,39 @@ class AssetService:
             await run_in_threadpool(self.store.end_validation, asset_id)
         return None
 
-    def _validate_and_publish(self, asset_id: str, cache: LoraCache | None) -> None:
-        if cache is None:
+    def _validate_and_publish(self, asset_id: str, caches: dict[str, LoraCache]) -> None:
+        """Published when it fits one served model (a Fill LoRA on a dev + Fill server); each generate
+        call checks it again against the model it names."""
+        if not caches:
             raise _Rejected("this server serves no LoRAs")
         record = self.store.record(asset_id)
+        reasons: dict[str, str] = {}
+        for model_id, cache in _distinct_shapes(caches).items():
+            try:
+                read_lora(self.store.staging_file(asset_id), record.name, cache.shapes, cache.max_bytes)
+                break
+            except LoraError as exc:
+                reasons[model_id] = problem(exc).message
+        else:
+            if len(reasons) == 1:
+                raise _Rejected(next(iter(reasons.values())))
+            raise _Rejected("; ".join(f"on {model_id}: {reason}" for model_id, reason in reasons.items()))
         try:
-            read_lora(self.store.staging_file(asset_id), record.name, cache.shapes, cache.max_bytes)
             self.store.publish(asset_id)
-        except (LoraError, Conflict) as exc:
-            raise _Rejected(problem(exc).message if isinstance(exc, LoraError) else exc.message) from None
+        except Conflict as exc:
+            raise _Rejected(exc.message) from None
 
     def _too_large(self) -> str:
         return f"the file exceeds the {self.max_bytes / 2**20:.4g} MB limit (--max-lora-mb)"
+
+
+def _distinct_shapes(caches: dict[str, LoraCache]) -> dict[str, LoraCache]:
+    """One cache per distinct set of layer shapes: Kontext has dev's, so a LoRA is read once for both."""
+    distinct: dict[str, LoraCache] = {}
+    for model_id, cache in caches.items():
+        if all(cache.shapes != kept.shapes for kept in distinct.values()):
+            distinct[model_id] = cache
+    return distinct
 
 
 def _discard(fh: BinaryIO, temp: Path) -> None:

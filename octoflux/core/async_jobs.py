@@ -128,8 +128,15 @@ class AsyncJobs:
         `result_url(job_id)` is the absolute URL a completed job's webhook carries, stored with the
         job so whichever replica makes it final can announce it. With `idempotency`, a job of the same
         owner stored under that key (and not expired) is returned instead of a new one; `Conflict` if
-        it came with another request.
+        it came with another request. A retry is answered before any admission check: the job it
+        finds is the one a full queue or quota is full of.
         """
+        if idempotency is not None:
+            lookup = self.store.idempotent_job
+            held = await asyncio.to_thread(lookup, caller.owner, idempotency.key, self.ttl_s)
+            if held is not None:
+                caller.trace.job_id = held.id
+                return _same_request(held, idempotency.request_hash)
         self.runtime.check_accepting()
         await asyncio.to_thread(self.check_room)
         token = admitted(
@@ -157,14 +164,9 @@ class AsyncJobs:
             token.future.cancel()
             raise
         caller.trace.job_id = stored.id
-        if stored.id != record.id:  # the key's job, stored before
+        if stored.id != record.id:  # the key's job, stored since the lookup above
             token.future.cancel()
-            if stored.request_hash != record.request_hash:
-                raise Conflict(
-                    f"Idempotency-Key {record.idempotency_key!r} was used for another request "
-                    f"(job {stored.id}); use a new key for a new request"
-                )
-            return stored
+            return _same_request(stored, record.request_hash)
         with self._lock:
             self._admitted[record.id] = token
         self.runner.wake()
@@ -378,3 +380,13 @@ class AsyncJobs:
         if status == CANCELLED:
             error = None
         self.webhooks.enqueue(job_id, EVENT_TYPES[status], status, response_url, error, record.webhook_url)
+
+
+def _same_request(held: JobRecord, request_hash: str | None) -> JobRecord:
+    """The job an Idempotency-Key already holds; `Conflict` when it was stored for another request."""
+    if held.request_hash != request_hash:
+        raise Conflict(
+            f"Idempotency-Key {held.idempotency_key!r} was used for another request "
+            f"(job {held.id}); use a new key for a new request"
+        )
+    return held

@@ -7,9 +7,15 @@ speaks. Importing this module loads no torch: Ray's HTTP proxy renders errors wi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from octoflux.pipelines.errors import GenerationFailed, LoraError, OutOfMemory, PipelineError
+from octoflux.state.store import StateStoreError
+
+log = logging.getLogger(__name__)
+# A client's wait before retrying while the state store (SQLite file, Redis) is failing.
+STATE_RETRY_AFTER_S = 5
 
 # Nginx's "client closed request": logged, never seen by the client that left.
 CLIENT_CLOSED = 499
@@ -108,7 +114,7 @@ STATUS_KINDS = {
     504: "timeout",
 }
 # Everything `problem()` gives a status of its own: what the HTTP side catches and renders.
-DOMAIN_ERRORS = (ServiceError, PipelineError, JobCancelled)
+DOMAIN_ERRORS = (ServiceError, PipelineError, JobCancelled, StateStoreError)
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,12 @@ def problem(exc: BaseException) -> Problem:
         return Problem(500, "generation_failed", f"generation failed: {exc}")
     if isinstance(exc, JobCancelled):
         return _cancelled(exc)
+    if isinstance(exc, StateStoreError):
+        # The store's own words (a file path, a Redis host) are for the log, not the client.
+        log.warning("a request failed on the state store: %s", exc)
+        return Problem(
+            503, "state_unavailable", "the state store is failing; retry", retry_after=STATE_RETRY_AFTER_S
+        )
     return Problem(500, "internal", f"generation failed: {type(exc).__name__}")
 
 

@@ -164,9 +164,10 @@ class Runtime:
         """The first served model; `NotReady` (or why loading failed) while that is not known yet."""
         return next(iter(self.served_families().values()))
 
-    def loaded_loras(self, model_id: str | None = None) -> LoraCache | None:
-        """The LoRA cache a model's LoRAs are checked against (the first model's by default); `NotReady`
-        while the models load."""
+    def loaded_loras(self) -> dict[str, LoraCache]:
+        """Each served model's LoRA cache, which an uploaded LoRA is checked against (models serving no
+        LoRAs are left out); `NotReady` while the models load."""
         if not self._ready.is_set() or self.models is None:
             raise NotReady("model is still loading; LoRAs are checked against it", retry_after=5)
-        return self.models.engine(model_id).loras
+        engines = self.models.engines.items()
+        return {model_id: engine.loras for model_id, engine in engines if engine.loras is not None}

@@ -48,7 +48,7 @@ class GenerationService:
         self.assets = AssetService(
             AssetStore(self.library, settings.lora_upload_ttl_s, self.state),
             settings.max_lora_mb,
-            lora_cache=self.runtime.loaded_loras,
+            lora_caches=self.runtime.loaded_loras,
         )
         # Sends from the shared store: deliveries survive a restart, and any live replica sends them.
         self.webhooks = (

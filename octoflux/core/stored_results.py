@@ -29,15 +29,21 @@ _logged_lock = threading.Lock()
 
 
 def read_back(job_id: str, read: Callable[..., T], *args) -> T:
-    """`read(*args)` on the store; `StoredJobUnreadable` when the store fails to give it back."""
+    """`read(*args)` on the store; `StoredJobUnreadable` when the store holds it damaged. A store that is
+    down or busy raises its `StateStoreError` as it came: a 503 to retry (octoflux/core/errors.py)."""
     try:
         return read(*args)
     except StateStoreError as exc:
-        cause = exc.__cause__  # SQLite's own words are safe to show; a Redis URL is not
-        shown = (
-            str(cause) if isinstance(cause, sqlite3.Error) else "the state store failed (see the server log)"
-        )
-        raise unreadable(job_id, shown, logged=str(exc)) from None
+        cause = exc.__cause__
+        if not _damaged(cause):
+            raise
+        raise unreadable(job_id, str(cause), logged=str(exc)) from None
+
+
+def _damaged(cause: BaseException | None) -> bool:
+    """SQLite's own word for a damaged file (malformed, not a database); a locked file, a full disk or an
+    unreachable Redis is no damage. SQLite's words are safe to show; a Redis URL would not be."""
+    return isinstance(cause, sqlite3.DatabaseError) and not isinstance(cause, sqlite3.OperationalError)
 
 
 def read_stored_body(store: StateStore, job_id: str) -> bytes | None:

@@ -73,7 +73,9 @@ def follow(engine: ModelSet | Engine, store, control, parent_pid: int) -> None:
             return
         # A cancelled or failed job: rank 0 raised the same at the same point and answers the client.
         with contextlib.suppress(GenerationCancelled, ModeNotOffered, PipelineError):
-            engine.generate(spec, should_stop=collective_stop(control, never))
+            model = engine.engine(spec.model) if isinstance(engine, ModelSet) else engine
+            # Rank 0 decodes, screens and answers: the latents of this rank are not needed.
+            model.generate(spec, should_stop=collective_stop(control, never), decode=False)
 
 
 def rank_main() -> int:
@@ -86,7 +88,8 @@ def rank_main() -> int:
     from octoflux.deploy.log_setup import configure_logging
     from octoflux.pipelines.loras import LoraLibrary
 
-    settings = rank_settings(start.settings, start.rank)
+    # Rank 0 screens every image: the other ranks need no safety checker.
+    settings = rank_settings(start.settings, start.rank).model_copy(update={"safety_checker": None})
     configure_logging(settings)
     logging.getLogger().setLevel(logging.WARNING)  # rank 0 says what every rank does; these say what fails
     share_cpu_threads(settings, start.world)

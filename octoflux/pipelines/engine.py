@@ -152,9 +152,17 @@ class Engine:
         self.safety_checker = safety_checker
 
     def generate(
-        self, spec: GenerationSpec, should_stop: StopCheck = _never_stop, on_step: StepListener | None = None
+        self,
+        spec: GenerationSpec,
+        should_stop: StopCheck = _never_stop,
+        on_step: StepListener | None = None,
+        decode: bool = True,
     ) -> GenerationResult:
-        """Run one request, in batches of at most `max_batch` images."""
+        """Run one request, in batches of at most `max_batch` images.
+
+        `decode=False` runs the denoising loop only and returns no image: what context-parallel ranks
+        1..N-1 do, while rank 0 decodes, screens and answers.
+        """
         started = time.perf_counter()
         mode = self.mode_of(spec)
         if mode not in self.family_info.modes:
@@ -171,7 +179,9 @@ class Engine:
             for index, first in enumerate(batches):
                 batch_seeds = spec.seeds[first : first + self.max_batch]
                 progress = _step_reporter(on_step, spec, index, len(batches))
-                images.extend(self._run_batch(spec, batch_seeds, should_stop, progress))
+                images.extend(self._run_batch(spec, batch_seeds, should_stop, progress, decode))
+            if not decode:
+                return GenerationResult(images=[], seconds=time.perf_counter() - started)
             if mode == INPAINT:
                 images = [composite_unmasked(img, spec.init_image, spec.mask_image) for img in images]
             safety = self._screen(images)
@@ -197,7 +207,7 @@ class Engine:
         return verdicts
 
     def _run_batch(
-        self, spec: GenerationSpec, seeds: list[int], should_stop: StopCheck, progress
+        self, spec: GenerationSpec, seeds: list[int], should_stop: StopCheck, progress, decode: bool = True
     ) -> list[Image.Image]:
         def stop_between_steps(pipe, step, timestep, tensors):
             if progress is not None:
@@ -217,7 +227,7 @@ class Engine:
             # One CPU generator per image: a seed gives the same noise on any device, and
             # image k of a batch equals its seed run alone.
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            output_type="pt",
+            output_type="pt" if decode else "latent",
             callback_on_step_end=stop_between_steps,
         )
         mode = self.mode_of(spec)
@@ -237,7 +247,7 @@ class Engine:
             if self.optimizations is not None:
                 self.optimizations.before_generation(pipe)
             pixels = pipe(**kwargs).images
-            return to_pil(pixels)
+            return to_pil(pixels) if decode else []
 
     def _prompt_kwargs(self, pipe, spec: GenerationSpec, images: int) -> dict:
         if self.prompt_cache is None:

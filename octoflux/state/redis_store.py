@@ -375,6 +375,17 @@ class RedisStateStore(StateStore):
         return self.get_job(job_id.decode()) or rec
 
     @_redis_errors
+    def idempotent_job(
+        self, owner: str | None, key: str, ttl_s: float, now: float | None = None
+    ) -> JobRecord | None:
+        now = time.time() if now is None else now
+        held = self.client.get(self._idempotency_key(owner, key))
+        job = self.get_job(held.decode()) if held is not None else None
+        if job is None or (job.finished_at is not None and job.finished_at < now - ttl_s):
+            return None
+        return job
+
+    @_redis_errors
     def lease_job(self, replica: str, lease_s: float, now: float | None = None) -> LeasedJob | None:
         now = time.time() if now is None else now
         keys = [

@@ -181,13 +181,9 @@ class SqliteStateStore(StateStore):
         marks = ", ".join("?" * (len(JOB_FIELDS) + 1))
         with self._write() as conn:
             if rec.idempotency_key is not None:
-                row = conn.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE idempotency_key = ? AND owner IS ?"
-                    " AND (finished_at IS NULL OR finished_at >= ?)",
-                    (rec.idempotency_key, rec.owner, now - ttl_s),
-                ).fetchone()
-                if row is not None:
-                    return JobRecord(*row)
+                held = self._idempotent_row(conn, rec.owner, rec.idempotency_key, now - ttl_s)
+                if held is not None:
+                    return held
                 conn.execute(  # an expired job keeps no claim on its key
                     "UPDATE jobs SET idempotency_key = NULL WHERE idempotency_key = ? AND owner IS ?",
                     (rec.idempotency_key, rec.owner),
@@ -199,6 +195,22 @@ class SqliteStateStore(StateStore):
             except sqlite3.IntegrityError:
                 raise StateStoreError(f"job {rec.id} already exists") from None
         return rec
+
+    @_sqlite_errors
+    def idempotent_job(
+        self, owner: str | None, key: str, ttl_s: float, now: float | None = None
+    ) -> JobRecord | None:
+        now = time.time() if now is None else now
+        return self._idempotent_row(self._conn(), owner, key, now - ttl_s)
+
+    @staticmethod
+    def _idempotent_row(conn, owner: str | None, key: str, finished_after: float) -> JobRecord | None:
+        row = conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE idempotency_key = ? AND owner IS ?"
+            " AND (finished_at IS NULL OR finished_at >= ?)",
+            (key, owner, finished_after),
+        ).fetchone()
+        return JobRecord(*row) if row is not None else None
 
     @_sqlite_errors
     def lease_job(self, replica: str, lease_s: float, now: float | None = None) -> LeasedJob | None:

@@ -69,6 +69,12 @@ class StateStore(ABC):
         """
 
     @abstractmethod
+    def idempotent_job(
+        self, owner: str | None, key: str, ttl_s: float, now: float | None = None
+    ) -> JobRecord | None:
+        """The job of `owner` holding Idempotency-Key `key`, unless it finished more than ttl_s ago."""
+
+    @abstractmethod
     def get_job(self, job_id: str) -> JobRecord | None: ...
 
     @abstractmethod

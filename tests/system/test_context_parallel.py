@@ -3,6 +3,8 @@ together, and a lost rank ends the server with a 503 and one line, leaving no pr
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import subprocess
@@ -21,6 +23,7 @@ from conftest import b64_to_image, gradient_image, image_to_b64, pixels
 from helpers.engine_control import WAIT, wait_until
 from helpers.requests import ASYNC, STEPS, URL_PATH, body, post_in_thread
 from helpers.services import free_port, server_ready
+from httpx_sse import connect_sse
 from PIL import Image
 
 from octoflux import cli
@@ -170,6 +173,20 @@ def test_cancel_stops_every_rank_and_the_next_job_runs(ranked, alone):
         wait_until(lambda: not in_flight(ranked.url), what="the ranks to stop")
     # A rank still denoising the cancelled job would pair its collectives with this job's.
     assert_same_pixels(generate(ranked.url), generate(alone.url))
+
+
+def test_progress_and_previews_stream_from_the_ranks(ranked):
+    with httpx.Client(timeout=WAIT) as client:
+        job = client.post(f"{ranked.url}{URL_PATH}", json=body("watched", steps=12), headers=ASYNC).json()
+        with connect_sse(client, "GET", f"{job['poll_url']}/events", params={"preview": "1"}) as source:
+            events = [(sse.event, sse.json()) for sse in source.iter_sse()]
+    assert events[-1][0] == "completed", events[-1]
+    steps = [data["step"] for name, data in events if name == "progress"]
+    assert steps == list(range(steps[0], 13)), steps  # every step from the first one seen, to the last
+    previews = [data for name, data in events if name == "preview"]
+    assert previews and all(p["step"] % 4 == 0 for p in previews)
+    image = Image.open(io.BytesIO(base64.b64decode(previews[-1]["image"].partition(",")[2])))
+    assert image.format == "JPEG" and image.size == (256, 256)  # the longest side of a preview is 256
 
 
 def test_sigterm_stops_every_rank(ranked):

@@ -119,3 +119,23 @@ def test_an_idempotency_key_without_async_is_ignored_and_an_empty_one_is_refused
     )
     assert sync.status_code == 200
     assert submit(server, KEY_A, "empty", {"Idempotency-Key": ""}).status_code == 422
+
+
+def test_a_retry_with_its_idempotency_key_gets_its_job_back_even_when_the_queue_is_full(
+    server_factory, control
+):
+    with server_factory(engine_factory=control.factory, warmup=False, max_queue=1) as full:
+        gate = control.hold("running")
+        running = submit(full, KEY_A, "running").json()
+        assert control.reached["running"].wait(WAIT)
+        key = {"Idempotency-Key": "order-18"}
+        queued = submit(full, KEY_A, "queued", key)
+        assert queued.status_code == 202, queued.text
+        assert submit(full, KEY_A, "no room").status_code == 429  # the one place is taken
+        # A client that lost the 202 retries: the queue is full of its own job, which it gets back.
+        retried = submit(full, KEY_A, "queued", key)
+        assert (retried.status_code, retried.json()) == (202, queued.json())
+        assert submit(full, KEY_A, "another body", key).status_code == 409
+        gate.set()
+        wait_all_final(full, KEY_A, [running, queued.json()])
+    assert control.ran.count("queued") == 1

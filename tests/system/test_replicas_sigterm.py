@@ -1,5 +1,7 @@
-"""`octoflux serve --replicas 2` as a user runs it: SIGTERM finishes the running request, exits 0
-and leaves no Ray process behind. Its own module, so no other Ray instance runs beside it."""
+"""`octoflux serve --max-replicas 1 --context-parallel 2` as a user runs it: one Ray replica of two gloo
+ranks gives one process's pixels, sync and async, through Ray's proxy and the state store; SIGTERM
+finishes the running request, exits 0 and leaves no process behind, Ray's or a rank's. Its own
+module, so no other Ray instance runs beside it."""
 
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+from conftest import LiveServer, b64_to_image, pixels
 from helpers.engine_control import wait_until
+from helpers.requests import ASYNC, body
 from helpers.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,35 +47,63 @@ def jobs_in_flight(url: str) -> float:
     return float(found[1]) if found else 0.0
 
 
+def fox(url: str) -> np.ndarray:
+    """One image through the OctoAI SDK, as users call it."""
+    client = LiveServer(url=url, app=None, settings=None).client()
+    response = client.image_gen.generate_flux_dev(prompt="a red fox", width=512, height=512, steps=2, seed=7)
+    return pixels(b64_to_image(response.images[0].image_b64))
+
+
+def async_fox(url: str) -> np.ndarray:
+    """The same image as an async job: stored, leased by the replica, polled through the proxy."""
+    request = {"prompt": "a red fox", "width": 512, "height": 512, "steps": 2, "seed": 7}
+    accepted = httpx.post(f"{url}/generate/flux-dev", json=request, headers=ASYNC, timeout=30).json()
+    poll = accepted["poll_url"]
+    wait_until(lambda: httpx.get(poll, timeout=10).json()["status"] == "completed", 60, "the job", every=0.2)
+    result = httpx.get(f"{poll}/result", timeout=10).json()
+    return pixels(b64_to_image(result["images"][0]["image_b64"]))
+
+
 @pytest.mark.timeout(300)
-def test_sigterm_finishes_the_running_request_exits_zero_and_leaves_no_ray_process(tiny_checkpoint, tmp_path):
+def test_a_replica_of_two_ranks_serves_one_process_s_pixels_and_sigterm_leaves_no_process(
+    tiny_checkpoint, live_server, tmp_path
+):
     port = free_port()
-    command = [sys.executable, "-m", "octoflux.cli", "serve", "--replicas", "2", "--device", "cpu"]
-    command += ["--model", tiny_checkpoint, "--port", str(port), "--state-dir", str(tmp_path / "state")]
-    command += ["--lora-dir", str(tmp_path), "--warmup-steps", "1"]
+    # --max-replicas: one replica on Ray Serve (a plain --replicas 1 serves without Ray).
+    command = [sys.executable, "-m", "octoflux.cli", "serve", "--max-replicas", "1"]
+    command += ["--context-parallel", "2", "--device", "cpu", "--model", tiny_checkpoint, "--port", str(port)]
+    command += ["--state-dir", str(tmp_path / "state"), "--lora-dir", str(tmp_path), "--warmup-steps", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     with (tmp_path / "serve.log").open("wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_replicas(url, 2)
+        wait_for_replicas(url, 1)
         family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
-        assert any("raylet" in " ".join(p.cmdline()) for p in family if p.is_running())
+        commands = [" ".join(p.cmdline()) for p in family if p.is_running()]
+        assert any("raylet" in c for c in commands)
+        assert sum("octoflux.deploy.rank_follower" in c for c in commands) == 1, commands
+
+        # One process's pixels (within 1/255: the ranks sum attention in another order).
+        alone = fox(live_server.url)
+        for split in (fox(url), async_fox(url)):
+            assert np.abs(split.astype(int) - alone.astype(int)).max() <= 1
+
         outcome: dict = {}
-        # 200 steps of 2 images: about 7 s of work on a replica here, several times the 2 s it may
-        # take the replicas to report the job running, after which SIGTERM follows at once.
-        body = {"prompt": "a long one", "width": 512, "height": 512, "steps": 200, "num_images": 2}
+        # 100 steps of 2 images: several seconds of work on the two ranks here, more than the 2 s it
+        # may take the replica to report the job running, after which SIGTERM follows at once.
+        long_job = body("a long one", steps=100, num_images=2)
 
         def generate() -> None:
             try:
-                outcome["response"] = httpx.post(f"{url}/generate/flux-dev", json=body, timeout=180)
+                outcome["response"] = httpx.post(f"{url}/generate/flux-dev", json=long_job, timeout=180)
             except httpx.HTTPError as exc:
                 outcome["response"] = exc
             outcome["answered_at"] = time.monotonic()
 
         running = threading.Thread(target=generate)
         running.start()
-        wait_until(lambda: jobs_in_flight(url) >= 1, 60, "the job to run on a replica", every=0.1)
+        wait_until(lambda: jobs_in_flight(url) >= 1, 60, "the job to run on the replica", every=0.1)
         signalled_at = time.monotonic()
         server.send_signal(signal.SIGTERM)
         running.join(180)

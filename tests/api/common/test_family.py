@@ -291,6 +291,55 @@ def test_a_dev_lora_works_on_kontext_and_is_a_422_naming_the_model_on_fill(famil
     assert generate(family, FLUX_DEV, width=512, height=512, loras={"embedder": 1.0}).status_code == 200
 
 
+def upload_lora(live, name: str, state: dict[str, torch.Tensor]) -> dict:
+    """Create, PUT and complete an asset as the octoai SDK does; the asset as listed after."""
+    from helpers.requests import LORA_DATA
+    from safetensors.torch import save
+
+    headers = {"Authorization": "Bearer any"}
+    created = httpx.post(
+        f"{live.url}/v1/assets", json={"asset_type": "lora", "data": LORA_DATA, "name": name}, headers=headers
+    ).json()
+    asset_id = created["asset"]["id"]
+    content = save({key: value.contiguous() for key, value in state.items()})
+    httpx.put(created["transfer_api"]["put_url"], content=content).raise_for_status()
+    httpx.post(f"{live.url}/v1/assets/{asset_id}/complete-upload", json={}, headers=headers, timeout=60)
+    return httpx.get(f"{live.url}/v1/assets/{asset_id}", headers=headers).json()["asset"]
+
+
+def embedder_lora(live, model: str) -> dict[str, torch.Tensor]:
+    """A LoRA on `model`'s x_embedder, which reads 64 channels on dev and 384 on Fill."""
+    layer = live.service.runtime.models.engine(model).pipe.transformer.x_embedder
+    down = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(5))
+    up = torch.randn(layer.out_features, 4, generator=torch.Generator().manual_seed(6))
+    return {"transformer.x_embedder.lora_A.weight": down, "transformer.x_embedder.lora_B.weight": up}
+
+
+def test_an_uploaded_fill_lora_is_accepted_and_serves_fill_only(family):
+    asset = upload_lora(family, "fill-embedder", embedder_lora(family, FLUX_FILL_DEV))
+    assert asset["status"] == "ready", asset["status_details"]
+    inpaint = dict(
+        init_image=image_to_b64(gradient_image(512, 512)), mask_image=image_to_b64(half_mask(512, 512))
+    )
+    styled = generate(family, FLUX_FILL_DEV, loras={"fill-embedder": 1.0}, **inpaint)
+    assert not np.array_equal(
+        pixels(first_image(styled)), pixels(first_image(generate(family, FLUX_FILL_DEV, **inpaint)))
+    )
+    refused = generate(family, FLUX_DEV, loras={"fill-embedder": 1.0})
+    assert refused.status_code == 422 and "fill-embedder" in refused.text and FLUX_DEV in refused.text
+
+    fits_none = {
+        key: value[:, :-1] if "lora_A" in key else value
+        for key, value in embedder_lora(family, FLUX_DEV).items()
+    }
+    rejected = upload_lora(family, "fits-none", fits_none)
+    assert rejected["status"] == "rejected"
+    assert (
+        f"on {FLUX_DEV}: " in rejected["status_details"]
+        and f"on {FLUX_FILL_DEV}: " in rejected["status_details"]
+    )
+
+
 # OpenAI's Images API picks the model: `model` when given; else Kontext to edit without a mask, Fill with one.
 
 

@@ -185,3 +185,47 @@ def test_flux_plan_gathers_after_norm_out():
     plan = compat.flux_plan_gathering_before_proj_out(_transformer())
     assert "proj_out" not in plan and isinstance(plan["norm_out"], ContextParallelOutput)
     assert set(plan[""]) == {"hidden_states", "encoder_hidden_states", "img_ids", "txt_ids"}
+
+
+def test_a_rank_that_does_not_decode_runs_every_step_and_never_touches_the_vae(load_tiny, monkeypatch):
+    from octoflux.pipelines.engine import Engine, GenerationSpec
+
+    engine = Engine(load_tiny())
+    decoded: list[torch.Size] = []
+    decode = engine.pipe.vae.decode
+    monkeypatch.setattr(engine.pipe.vae, "decode", lambda z, **kw: decoded.append(z.shape) or decode(z, **kw))
+    steps: list[int] = []
+    spec = GenerationSpec(prompt="a fox", width=256, height=256, steps=3, guidance=3.5, seeds=[1, 2])
+
+    result = engine.generate(spec, on_step=lambda event: steps.append(event.step), decode=False)
+    assert (result.images, steps, decoded) == ([], [1, 2, 3], [])
+    assert len(engine.generate(spec).images) == 2 and len(decoded) == 1  # the spy sees a decode
+
+
+def test_ranks_after_the_first_run_each_job_without_decoding_until_told_to_stop():
+    import pickle
+
+    from octoflux.deploy.context_parallel import JOB_KEY
+    from octoflux.deploy.rank_follower import follow
+    from octoflux.pipelines.engine import GenerationSpec
+    from octoflux.pipelines.model_set import ModelSet
+
+    class Store:
+        jobs = [GenerationSpec("a", 64, 64, 1, 3.5, [1], model="flux-schnell"), None]
+
+        def wait(self, keys, timeout) -> None:
+            pass
+
+        def get(self, key: str) -> bytes:
+            return pickle.dumps(self.jobs[int(key.removeprefix(JOB_KEY.format("")))])
+
+    class Model:
+        def __init__(self):
+            self.calls: list[dict] = []
+
+        def generate(self, spec, **kwargs):
+            self.calls.append({"prompt": spec.prompt, "decode": kwargs.get("decode", True)})
+
+    dev, schnell = Model(), Model()
+    follow(ModelSet({"flux-dev": dev, "flux-schnell": schnell}), Store(), None, os.getppid())
+    assert (dev.calls, schnell.calls) == ([], [{"prompt": "a", "decode": False}])

@@ -104,6 +104,11 @@ DAMAGES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "wal_truncated_inside_a_frame": (
         "crashed",
         lambda p: os.truncate(wal(p), wal(p).stat().st_size // 2),
+        "readable committed frames where its index state.db-shm recorded",
+    ),
+    "wal_truncated_inside_a_frame_without_its_index": (
+        "crashed",
+        lambda p: (os.truncate(wal(p), wal(p).stat().st_size // 2), sidecar(p, "-shm").unlink()),
         "its write-ahead log state.db-wal ends inside a frame: it was truncated",
     ),
     "wal_truncated_at_a_frame_boundary": (
@@ -154,6 +159,19 @@ def test_a_sound_store_passes_and_the_check_changes_no_file(stores, start, tmp_p
     before = contents(path)
     check_state(url(path))
     assert contents(path) == before
+
+
+def test_a_frame_torn_by_a_kill_9_after_the_last_commit_is_no_damage(stores, tmp_path):
+    # SQLite writes a frame's header and its page in two writes: a kill -9 between them leaves this.
+    path = snapshot(stores["crashed"], tmp_path / "state")
+    with wal(path).open("ab") as log:
+        log.write(random.Random(0).randbytes(WAL_FRAME_HEADER_BYTES + PAGE // 2))
+    check_state(url(path))
+    store = SqliteStateStore(path)
+    try:
+        assert [store.get_body(f"job{i}") for i in range(JOBS)] == [stored_body(i) for i in range(JOBS)]
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("case", DAMAGES)

@@ -376,6 +376,18 @@ def test_an_idempotency_key_gives_its_owner_the_first_job_until_it_expires(store
     assert store.enqueue_job(queued("j8", "a", 8.0, idempotency_key="k"), b"r", TTL).id == "j7"
 
 
+def test_the_job_an_idempotency_key_holds_is_found_without_storing_anything(store):
+    assert store.idempotent_job("a", "k", TTL) is None
+    store.enqueue_job(queued("j1", "a", 1.0, idempotency_key="k", request_hash="h1"), b"r", TTL)
+    assert store.idempotent_job("a", "k", TTL).request_hash == "h1"
+    assert store.idempotent_job("b", "k", TTL) is None and store.idempotent_job(None, "k", TTL) is None
+    assert store.idempotent_job("a", "other", TTL) is None
+    store.finish_job("j1", COMPLETED, body=BODY)
+    finished_at = store.get_job("j1").finished_at
+    assert store.idempotent_job("a", "k", TTL, now=finished_at + TTL - 1).id == "j1"
+    assert store.idempotent_job("a", "k", TTL, now=finished_at + TTL + 1) is None
+
+
 def test_processes_racing_to_lease_never_share_a_job(open_store):
     stores = [open_store(), open_store()]
     for number in range(40):
