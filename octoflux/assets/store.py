@@ -310,15 +310,19 @@ class AssetStore:
         try:
             os.link(staged, target)
         except FileExistsError:
+            staged.unlink(missing_ok=True)
             reason = f"a LoRA named {record.name!r} appeared in the folder meanwhile"
             raise AssetConflict(reason) from None
-        finally:
-            staged.unlink(missing_ok=True)
         try:
             self._update(asset_id, VALIDATING, status="ready", status_details="")
         except AssetNotFound:  # deleted during validation: the file goes too
-            self.library.path(record.name).unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
             raise
+        except BaseException:  # the record could not say ready (the store failing): no file without it
+            target.unlink(missing_ok=True)  # the staged copy stays for a retry
+            raise
+        staged.unlink(missing_ok=True)
 
     def reject(self, asset_id: str, reason: str) -> None:
         self.staging_file(asset_id).unlink(missing_ok=True)

@@ -8,6 +8,9 @@ speaks. Importing this module loads no torch: Ray's HTTP proxy renders errors wi
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from dataclasses import dataclass
 
 from octoflux.pipelines.errors import GenerationFailed, LoraError, OutOfMemory, PipelineError
@@ -16,6 +19,30 @@ from octoflux.state.store import StateStoreError
 log = logging.getLogger(__name__)
 # A client's wait before retrying while the state store (SQLite file, Redis) is failing.
 STATE_RETRY_AFTER_S = 5
+# While the store fails, clients polling in a loop would log a line each: one line per this many seconds.
+STORE_FAILURE_LOG_EVERY_S = 30.0
+
+
+class _ThrottledLog:
+    """The first store failure logged at once, later ones at most every STORE_FAILURE_LOG_EVERY_S, counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = -math.inf
+        self._skipped = 0
+
+    def note(self, message: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < STORE_FAILURE_LOG_EVERY_S:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        more = f" ({skipped} more since the last line)" if skipped else ""
+        log.warning("a request failed on the state store: %s%s", message, more)
+
+
+_store_failures = _ThrottledLog()
 
 # Nginx's "client closed request": logged, never seen by the client that left.
 CLIENT_CLOSED = 499
@@ -145,7 +172,7 @@ def problem(exc: BaseException) -> Problem:
         return _cancelled(exc)
     if isinstance(exc, StateStoreError):
         # The store's own words (a file path, a Redis host) are for the log, not the client.
-        log.warning("a request failed on the state store: %s", exc)
+        _store_failures.note(str(exc))
         return Problem(
             503, "state_unavailable", "the state store is failing; retry", retry_after=STATE_RETRY_AFTER_S
         )

@@ -36,6 +36,8 @@ job_log = logging.getLogger("octoflux.access")
 # How often an idle process looks for queued jobs another process stored (its own wake it at once).
 POLL_S = 0.25
 RECLAIM_EVERY_S = 1.0
+# A finished job's outcome is written again this often while the store fails, for up to one lease.
+STORE_RETRY_S = 1.0
 
 
 class JobRunner:
@@ -165,7 +167,8 @@ class JobRunner:
         except Exception as exc:
             await self._fail(job, exc, line, trace, FAILED)
         else:
-            await asyncio.to_thread(self.owner.complete, job.id, body)
+            if not await self._write_outcome(job.id, self.owner.complete, job.id, body):
+                return
             record_success(job, job.api, len(job.spec.seeds))
             trace_job(trace, job)
             line.update(status=COMPLETED, **trace.fields())
@@ -173,10 +176,25 @@ class JobRunner:
 
     async def _fail(self, job: Job, exc: Exception, line: dict, trace: JobTrace, status: str) -> None:
         found = problem(exc)
-        await asyncio.to_thread(self.owner.fail, job.id, status, found.message, found.status)
+        await self._write_outcome(job.id, self.owner.fail, job.id, status, found.message, found.status)
         metrics.ERRORS.labels(found.kind).inc()
         trace_job(trace, job)
         line.update(status=status, error=found.kind, **trace.fields())
+
+    async def _write_outcome(self, job_id: str, write: Callable[..., object], *args) -> bool:
+        """`write(*args)` (the job's final record), tried again while the store fails, for up to one
+        lease; False once given up: the lease lapses and the job runs again, its result never lost
+        silently."""
+        deadline = time.monotonic() + self.lease_s
+        while True:
+            try:
+                await asyncio.to_thread(write, *args)
+                return True
+            except StateStoreError as exc:
+                if time.monotonic() >= deadline:
+                    log.error("job %s: its outcome could not be stored (%s); it will run again", job_id, exc)
+                    return False
+                await asyncio.sleep(STORE_RETRY_S)
 
     async def _put_back(self, job_id: str) -> None:
         try:

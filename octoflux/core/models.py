@@ -26,8 +26,8 @@ from pathlib import Path
 from octoflux.core.errors import InvalidField
 from octoflux.core.request import ImageRequest
 from octoflux.pipelines.family import FAMILIES, FLUX_KONTEXT_DEV, Family, family_from_transformer_config
-from octoflux.pipelines.loader import RANDOM_FULL
 from octoflux.pipelines.model_list import TINY_FAMILY_MODELS, ModelListError, parse_model_list
+from octoflux.pipelines.model_paths import RANDOM_FULL
 
 log = logging.getLogger(__name__)
 

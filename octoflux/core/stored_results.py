@@ -41,9 +41,11 @@ def read_back(job_id: str, read: Callable[..., T], *args) -> T:
 
 
 def _damaged(cause: BaseException | None) -> bool:
-    """SQLite's own word for a damaged file (malformed, not a database); a locked file, a full disk or an
-    unreachable Redis is no damage. SQLite's words are safe to show; a Redis URL would not be."""
-    return isinstance(cause, sqlite3.DatabaseError) and not isinstance(cause, sqlite3.OperationalError)
+    """SQLite's own word for a damaged file (malformed, not a database); a locked file, a full disk, a
+    store closed at shutdown or an unreachable Redis is no damage. SQLite's words are safe to show; a
+    Redis URL would not be."""
+    code = getattr(cause, "sqlite_errorcode", None) if isinstance(cause, sqlite3.Error) else None
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 def read_stored_body(store: StateStore, job_id: str) -> bytes | None:

@@ -32,6 +32,7 @@ from octoflux.pipelines.engine import Engine, GenerationCancelled, GenerationSpe
 from octoflux.pipelines.errors import PipelineError
 from octoflux.pipelines.model_set import ModelSet
 from octoflux.pipelines.parallel import init_ranks
+from octoflux.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ def follow(engine: ModelSet | Engine, store, control, parent_pid: int) -> None:
             model.generate(spec, should_stop=collective_stop(control, never), decode=False)
 
 
+def follower_settings(start: RankStart) -> Settings:
+    """A non-zero rank's settings: its own GPU, and no safety checker (rank 0 screens every image)."""
+    return rank_settings(start.settings, start.rank).model_copy(update={"safety_checker": None})
+
+
 def rank_main() -> int:
     """Entry point of ranks 1..N-1."""
     _die_with_parent()
@@ -88,8 +94,7 @@ def rank_main() -> int:
     from octoflux.deploy.log_setup import configure_logging
     from octoflux.pipelines.loras import LoraLibrary
 
-    # Rank 0 screens every image: the other ranks need no safety checker.
-    settings = rank_settings(start.settings, start.rank).model_copy(update={"safety_checker": None})
+    settings = follower_settings(start)
     configure_logging(settings)
     logging.getLogger().setLevel(logging.WARNING)  # rank 0 says what every rank does; these say what fails
     share_cpu_threads(settings, start.world)

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from octoflux.pipelines.bfl_layout import diffusers_to_bfl
+from octoflux.pipelines.export_formats import FORMATS as FORMATS
+from octoflux.pipelines.export_formats import LAYOUTS as LAYOUTS
 
-GGUF_TYPES = ("Q8_0", "Q4_0", "BF16")
-FORMATS = (*(f"gguf:{kind}" for kind in GGUF_TYPES), "fp8", "bf16")
-LAYOUTS = ("bfl", "comfy", "diffusers")
 # T5 v1.1's relative positions have no fixed limit; 512 is what FLUX.1 pads T5's prompt to.
 T5_CONTEXT_LENGTH = 512
 SAFETENSORS_STORAGE = {"F8_E4M3": torch.float8_e4m3fn, "BF16": torch.bfloat16}

@@ -10,32 +10,18 @@ import torch
 from octoflux.pipelines.model_list import TINY_FAMILY as TINY_FAMILY
 from octoflux.pipelines.model_list import TINY_MODELS
 from octoflux.pipelines.model_list import TINY_SCHNELL as TINY_SCHNELL
+from octoflux.pipelines.model_paths import FLUX_COMPONENTS as FLUX_COMPONENTS
+from octoflux.pipelines.model_paths import RANDOM_FULL as RANDOM_FULL
+from octoflux.pipelines.model_paths import ModelLoadError as ModelLoadError
+from octoflux.pipelines.model_paths import ModelNotFound as ModelNotFound
+from octoflux.pipelines.model_paths import check_model_source as check_model_source
 from octoflux.pipelines.tiny import tiny_checkpoint_is_complete, write_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
-RANDOM_FULL = "random-full"
 PIPELINE_CLASSES = ("FluxPipeline", "FluxKontextPipeline", "FluxFillPipeline")
-# The subfolders of a diffusers-format FLUX.1 checkpoint.
-FLUX_COMPONENTS = (
-    "scheduler",
-    "text_encoder",
-    "text_encoder_2",
-    "tokenizer",
-    "tokenizer_2",
-    "transformer",
-    "vae",
-)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be found or loaded."""
-
-
-class ModelNotFound(ModelLoadError):
-    """`--model` names nothing loadable; the message is one line saying what was looked for where."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -109,48 +95,6 @@ def _model_index(source: str) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or source.endswith((".safetensors", ".ckpt"))
-
-
-def check_model_source(source: str) -> None:
-    """Fail fast, before any loading, when `source` (from `model_source`) cannot be a FLUX checkpoint."""
-    if source == RANDOM_FULL:
-        return
-    path = Path(source).expanduser()
-    if path.is_file():
-        return
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelNotFound(
-                f"--model {source}: no model_index.json in that folder (not a diffusers-format model)"
-            )
-        missing = [name for name in FLUX_COMPONENTS if not (path / name).is_dir()]
-        if missing:
-            raise ModelNotFound(
-                f"--model {source}: a FLUX folder needs {', '.join(missing)} subfolders there"
-            )
-        return
-    if _looks_like_path(source) or source.count("/") != 1:
-        hint = "" if _looks_like_path(source) else " (nor 'tiny', 'random-full' or a hub id OWNER/NAME)"
-        raise ModelNotFound(f"--model {source}: no such file or folder{hint}")
-    _check_hub_cache(source)
-
-
-def _check_hub_cache(repo_id: str) -> None:
-    """A hub id: offline, its model_index.json must be in the local HF cache (online, it may download)."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if not constants.HF_HUB_OFFLINE:
-        return
-    cached = try_to_load_from_cache(repo_id, "model_index.json")
-    if not isinstance(cached, str):
-        raise ModelNotFound(
-            f"--model {repo_id}: not in the local HF cache ({constants.HF_HUB_CACHE}) "
-            "and HF_HUB_OFFLINE is set, so it cannot be downloaded"
-        )
 
 
 def check_transformer_base(source: str, flag: str = "--transformer") -> None:

@@ -264,6 +264,8 @@ def _redis_reason(exc: Exception) -> str:
     if isinstance(cause, OSError) and cause.strerror:
         return cause.strerror.lower()
     text = str(exc).strip().rstrip(".")
+    if type(exc).__name__ == "ResponseError":  # the server's own reply: its first sentence says what
+        return text.split(". ", 1)[0] or type(exc).__name__
     return (text.rsplit(". ", 1)[-1] if ". " in text else text).lower() or type(exc).__name__
 
 

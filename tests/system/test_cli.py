@@ -167,6 +167,22 @@ def test_a_model_that_is_not_there_fails_at_startup_in_one_line(model, said):
     assert "Traceback" not in done.stderr
 
 
+def test_a_model_that_is_not_there_is_refused_before_torch_or_diffusers_load(tmp_path):
+    code = (
+        "import sys\n"
+        "from octoflux.cli import main\n"
+        "try:\n"
+        f"    main(['serve', '--model', '/path/with/a/typo', '--state-dir', {str(tmp_path)!r}])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 2, exit.code\n"
+        "loaded = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules))\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.strip() == "octoflux: --model /path/with/a/typo: no such file or folder"
+
+
 def test_random_full_on_a_small_cpu_is_refused_before_loading():
     # float32 FLUX.1-dev is over 60 GB of weights: more than any test machine has free.
     done = run_serve("--model", "random-full", "--dtype", "float32")

@@ -15,8 +15,9 @@ from octoflux.api.common.auth import require_bearer
 from octoflux.api.common.deps import Service, absolute_url, request_owner
 from octoflux.api.octoai.protocol import ErrorDetail
 from octoflux.api.octoai.sse import KEEPALIVE, encode_sse
-from octoflux.core.errors import InvalidField
+from octoflux.core.errors import STATE_RETRY_AFTER_S, InvalidField, problem
 from octoflux.core.progress import Watched
+from octoflux.state.store import StateStoreError
 
 router = APIRouter(dependencies=[Depends(require_bearer)])
 # A stream that sent nothing for this long gets a keep-alive comment, so idle proxies keep it open.
@@ -78,15 +79,25 @@ def resume_after(last_event_id: str | None) -> int:
 
 
 async def _frames(watched: AsyncIterator[Watched]) -> AsyncIterator[bytes]:
-    """SSE frames, one chunk per batch; a keep-alive comment after KEEPALIVE_EVERY_S of silence."""
+    """SSE frames, one chunk per batch; a keep-alive comment after KEEPALIVE_EVERY_S of silence.
+
+    A state store that fails mid-stream ends it with a `retry:` field: the client's EventSource comes
+    back after STATE_RETRY_AFTER_S with its Last-Event-ID, and gets a 503 until the store is back.
+    """
     last_sent = time.monotonic()
     async with aclosing(watched):  # closing the stream releases the watch's place in the job's feed
-        async for batch in watched:
-            if batch:
-                chunk = b"".join(encode_sse(event, None if seq is None else str(seq)) for seq, event in batch)
-            elif time.monotonic() - last_sent >= KEEPALIVE_EVERY_S:
-                chunk = KEEPALIVE
-            else:
-                continue
-            last_sent = time.monotonic()
-            yield chunk
+        try:
+            async for batch in watched:
+                if batch:
+                    chunk = b"".join(
+                        encode_sse(event, None if seq is None else str(seq)) for seq, event in batch
+                    )
+                elif time.monotonic() - last_sent >= KEEPALIVE_EVERY_S:
+                    chunk = KEEPALIVE
+                else:
+                    continue
+                last_sent = time.monotonic()
+                yield chunk
+        except StateStoreError as exc:
+            problem(exc)  # logs it (at most once per interval)
+            yield f"retry: {STATE_RETRY_AFTER_S * 1000}\n\n".encode()

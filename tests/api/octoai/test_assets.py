@@ -295,6 +295,40 @@ def test_two_replicas_share_records_names_and_validation_claims(tmp_path, files)
         store.close()
 
 
+def test_a_store_failing_as_a_lora_is_published_leaves_no_file_in_the_folder_and_keeps_the_upload(
+    tmp_path, files
+):
+    from octoflux.assets.store import AssetStore
+    from octoflux.pipelines.loras import LoraLibrary
+    from octoflux.state.store import StateStoreError, open_state_store
+
+    state = open_state_store(f"sqlite:///{tmp_path}/state.db")
+    library = LoraLibrary(tmp_path / "loras")
+    assets = AssetStore(library, 60, state)
+    created, token = assets.create("kept", "", LORA_DATA)
+    asset_id = created["id"]
+    assets.authorize(asset_id, token)
+    assets.begin_upload(asset_id)
+    temp = assets.temp_file(asset_id)
+    temp.write_bytes(files["style"].read_bytes())
+    assets.finish_upload(asset_id, temp, temp.stat().st_size)
+    assets.begin_validation(asset_id)
+
+    def failing_update(*args, **kwargs):
+        raise StateStoreError("SQLite state failed: disk I/O error")
+
+    state.update_asset, update_asset = failing_update, state.update_asset
+    with pytest.raises(StateStoreError):
+        assets.publish(asset_id)
+    # Not in the folder (it would be listed as a hand-placed file_kept), still staged for a retry.
+    assert not library.path("kept").exists() and assets.staging_file(asset_id).exists()
+    state.update_asset = update_asset
+    assets.publish(asset_id)
+    assert assets.find(asset_id)["status"] == "ready" and library.path("kept").exists()
+    assert not assets.staging_file(asset_id).exists()
+    state.close()
+
+
 ASSET_STATE_CALLS = ("create_asset", "get_asset", "list_assets", "update_asset", "delete_asset")
 
 

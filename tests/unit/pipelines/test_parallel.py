@@ -229,3 +229,14 @@ def test_ranks_after_the_first_run_each_job_without_decoding_until_told_to_stop(
     dev, schnell = Model(), Model()
     follow(ModelSet({"flux-dev": dev, "flux-schnell": schnell}), Store(), None, os.getppid())
     assert (dev.calls, schnell.calls) == ([], [{"prompt": "a", "decode": False}])
+
+
+def test_ranks_after_the_first_load_no_safety_checker(tmp_path):
+    from octoflux.deploy.context_parallel import RankStart, rank_settings
+    from octoflux.deploy.rank_follower import follower_settings
+    from octoflux.settings import Settings
+
+    settings = Settings(device="cpu", safety_checker=tmp_path, context_parallel="2", state_dir=tmp_path)
+    follower = follower_settings(RankStart(settings, rank=1, world=2, store_port=1, parent_pid=1))
+    assert follower.safety_checker is None and follower.model == settings.model
+    assert rank_settings(settings, 0).safety_checker == tmp_path  # rank 0 screens
