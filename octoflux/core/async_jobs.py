@@ -128,15 +128,9 @@ class AsyncJobs:
         `result_url(job_id)` is the absolute URL a completed job's webhook carries, stored with the
         job so whichever replica makes it final can announce it. With `idempotency`, a job of the same
         owner stored under that key (and not expired) is returned instead of a new one; `Conflict` if
-        it came with another request. A retry is answered before any admission check: the job it
-        finds is the one a full queue or quota is full of.
+        it came with another request. A dialect answers a retry with `held` first, before it checks
+        anything else.
         """
-        if idempotency is not None:
-            lookup = self.store.idempotent_job
-            held = await asyncio.to_thread(lookup, caller.owner, idempotency.key, self.ttl_s)
-            if held is not None:
-                caller.trace.job_id = held.id
-                return _same_request(held, idempotency.request_hash)
         self.runtime.check_accepting()
         await asyncio.to_thread(self.check_room)
         token = admitted(
@@ -171,6 +165,18 @@ class AsyncJobs:
             self._admitted[record.id] = token
         self.runner.wake()
         return stored
+
+    async def held(self, caller: Caller, idempotency: Idempotency) -> JobRecord | None:
+        """The job `idempotency`'s key already holds for this caller (None: a new request); `Conflict`
+        when it was stored for another request. Looked up before the request is decoded or admitted: a
+        retry gets its job even when the queue or the key's quota is full of that very job, or a LoRA
+        it names was deleted since."""
+        lookup = self.store.idempotent_job
+        held = await asyncio.to_thread(lookup, caller.owner, idempotency.key, self.ttl_s)
+        if held is None:
+            return None
+        caller.trace.job_id = held.id
+        return _same_request(held, idempotency.request_hash)
 
     def check_room(self) -> None:
         """`QueueFull` when --max-queue jobs already wait in the store's queue."""

@@ -139,3 +139,22 @@ def test_a_retry_with_its_idempotency_key_gets_its_job_back_even_when_the_queue_
         gate.set()
         wait_all_final(full, KEY_A, [running, queued.json()])
     assert control.ran.count("queued") == 1
+
+
+def test_a_retry_gets_its_job_even_when_a_lora_it_names_was_deleted_since(server, control):
+    from octoflux.pipelines.tiny_lora import make_lora, save_diffusers
+
+    lora = save_diffusers(make_lora(31), server.settings.lora_dir / "fleeting.safetensors")
+    gate = control.hold("ahead")
+    ahead = submit(server, KEY_A, "ahead").json()
+    assert control.reached["ahead"].wait(WAIT)
+    key = {"Idempotency-Key": "order-19"}
+    first = submit(server, KEY_A, "styled", key, loras={"fleeting": 1.0})
+    assert first.status_code == 202, first.text
+    lora.unlink()
+    assert submit(server, KEY_A, "styled again", loras={"fleeting": 1.0}).status_code == 422
+    retried = submit(server, KEY_A, "styled", key, loras={"fleeting": 1.0})
+    assert (retried.status_code, retried.json()) == (202, first.json())
+    httpx.delete(first.json()["poll_url"], headers=auth(KEY_A))
+    gate.set()
+    wait_all_final(server, KEY_A, [ahead, first.json()])

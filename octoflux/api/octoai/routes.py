@@ -180,6 +180,12 @@ async def _generate(
     is_async = (async_header or "").strip().lower() in ASYNC_TRUE
     who = caller(request, api="async" if is_async else "sync")
     try:
+        idempotency = None
+        if is_async:  # a retry gets its job back before anything else is checked
+            webhook_text = (header_text(webhook_header) or "").strip() or None
+            idempotency = await _idempotency(request, header_text(idempotency_header), webhook_text)
+            if idempotency is not None and (held := await service.async_jobs.held(who, idempotency)):
+                return _accepted(request, held.id)
         webhook_url = await _webhook_url(service, header_text(webhook_header), is_async)
         image_request = await run_in_threadpool(convert.image_request, body, service.limits)
         spec = await service.generation.prepare(
@@ -201,13 +207,17 @@ async def _generate(
             {"encoding": encoding},
             webhook_url=webhook_url,
             result_url=lambda job_id: absolute_url(request, "response_result", response_id=job_id),
-            idempotency=await _idempotency(request, header_text(idempotency_header), webhook_url),
+            idempotency=idempotency,
         )
-        poll_url = absolute_url(request, "poll_response", response_id=record.id)
-        accepted = AsyncAccepted(response_id=record.id, poll_url=poll_url)
-        return JSONResponse(status_code=202, content=accepted.model_dump())
+        return _accepted(request, record.id)
     finally:
         fields.update(api=who.api, **who.trace.fields())
+
+
+def _accepted(request: Request, job_id: str) -> JSONResponse:
+    poll_url = absolute_url(request, "poll_response", response_id=job_id)
+    accepted = AsyncAccepted(response_id=job_id, poll_url=poll_url)
+    return JSONResponse(status_code=202, content=accepted.model_dump())
 
 
 async def _webhook_url(service: GenerationService, url: str | None, is_async: bool) -> str | None:

@@ -209,14 +209,16 @@ def test_the_access_log_line_names_the_key_never_its_secret(server, caplog):
     assert not any(secret in caplog.text for secret in KEYS.values())
 
 
-def post_async(server, key: str, prompt: str, **extra) -> httpx.Response:
+def post_async(server, key: str, prompt: str, headers: dict | None = None, **extra) -> httpx.Response:
     payload = body(prompt, **extra)
-    return httpx.post(f"{server.url}{URL_PATH}", json=payload, headers={**auth(key), **ASYNC}, timeout=30)
+    sent = {**auth(key), **ASYNC, **(headers or {})}
+    return httpx.post(f"{server.url}{URL_PATH}", json=payload, headers=sent, timeout=30)
 
 
 def test_max_queued_gives_that_key_429_with_retry_after_and_others_go_on(server, controlled):
     controlled.hold("a-running")
-    accepted = [post_async(server, "team-a", "a-running"), post_async(server, "team-a", "a-waiting")]
+    keyed = {"Idempotency-Key": "a-waiting-1"}
+    accepted = [post_async(server, "team-a", "a-running"), post_async(server, "team-a", "a-waiting", keyed)]
     assert [r.status_code for r in accepted] == [202, 202]
     assert controlled.reached["a-running"].wait(30)
 
@@ -224,6 +226,9 @@ def test_max_queued_gives_that_key_429_with_retry_after_and_others_go_on(server,
     assert refused.status_code == 429, refused.text
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert "max_queued 2" in refused.json()["detail"]
+    # A client that lost its 202 retries with its key: it gets its job, which holds one of the two places.
+    retried = post_async(server, "team-a", "a-waiting", keyed)
+    assert (retried.status_code, retried.json()) == (202, accepted[1].json())
     sync_refused = generate(server, "team-a")
     assert sync_refused.status_code == 429
 
