@@ -1,7 +1,7 @@
 """`octoflux serve --max-replicas 1 --context-parallel 2` as a user runs it: one Ray replica of two gloo
-ranks gives one process's pixels, sync and async, through Ray's proxy and the state store; SIGTERM
-finishes the running request, exits 0 and leaves no process behind, Ray's or a rank's. Its own
-module, so no other Ray instance runs beside it."""
+ranks gives one process's pixels, sync and async, through Ray's proxy and the state store; a rank
+killed makes Ray replace the whole replica; SIGTERM finishes the running request, exits 0 and leaves
+no process behind, Ray's or a rank's. Its own module, so no other Ray instance runs beside it."""
 
 from __future__ import annotations
 
@@ -47,6 +47,22 @@ def jobs_in_flight(url: str) -> float:
     return float(found[1]) if found else 0.0
 
 
+def rank_followers(server: subprocess.Popen) -> list[psutil.Process]:
+    """The context-parallel ranks 1..N-1 running under this `octoflux serve` (children of its replica)."""
+    below = psutil.Process(server.pid).children(recursive=True)
+    return [p for p in below if p.is_running() and "octoflux.deploy.rank_follower" in " ".join(p.cmdline())]
+
+
+def replica_serving(url: str) -> str | None:
+    """The replica answering through the proxy once it is ready to serve; None while none is."""
+    try:
+        if httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
+            return None
+        return httpx.get(f"{url}/healthz", timeout=5).json()["replica"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
 def fox(url: str) -> np.ndarray:
     """One image through the OctoAI SDK, as users call it."""
     client = LiveServer(url=url, app=None, settings=None).client()
@@ -80,14 +96,22 @@ def test_a_replica_of_two_ranks_serves_one_process_s_pixels_and_sigterm_leaves_n
     try:
         wait_for_replicas(url, 1)
         family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
-        commands = [" ".join(p.cmdline()) for p in family if p.is_running()]
-        assert any("raylet" in c for c in commands)
-        assert sum("octoflux.deploy.rank_follower" in c for c in commands) == 1, commands
+        assert any("raylet" in " ".join(p.cmdline()) for p in family if p.is_running())
+        (rank,) = rank_followers(server)
 
         # One process's pixels (within 1/255: the ranks sum attention in another order).
         alone = fox(live_server.url)
         for split in (fox(url), async_fox(url)):
             assert np.abs(split.astype(int) - alone.astype(int)).max() <= 1
+
+        # A lost rank fails the replica's health check: Ray replaces the whole replica, ranks included.
+        lost_replica = httpx.get(f"{url}/healthz", timeout=5).json()["replica"]
+        rank.kill()
+        wait_until(lambda: replica_serving(url) not in (None, lost_replica), 120, "a new replica", every=0.2)
+        (new_rank,) = rank_followers(server)
+        assert new_rank.pid != rank.pid
+        assert np.abs(fox(url).astype(int) - alone.astype(int)).max() <= 1
+        family += psutil.Process(server.pid).children(recursive=True)  # the old replica's must be gone too
 
         outcome: dict = {}
         # 100 steps of 2 images: several seconds of work on the two ranks here, more than the 2 s it
