@@ -209,13 +209,15 @@ def check_keys_file(settings: Settings) -> None:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    from octoflux.deploy.log_setup import configure_logging
+    from octoflux.deploy.log_setup import configure_logging, quiet_libraries
 
     settings.check_auth_exposure()
     check_keys_file(settings)
     check_model_paths(settings)
-    configure_logging(settings)
+    # The cheap checks first: a bad flag, key file, model path or state store costs no library import.
+    configure_logging(settings, libraries=False)
     check_state_store(settings)
+    quiet_libraries()
     preflight(settings)
     layout = _context_parallel_layout(settings)
     if settings.uses_ray:

@@ -79,7 +79,7 @@ class LibraryFilter(logging.Filter):
         return True
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Route the libraries' own handlers through ours and switch their progress bars off."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -111,10 +111,14 @@ def _quiet_libraries() -> None:
 
 
 def configure_logging(
-    settings: Settings | None = None, stream=None, verbose: bool = False
+    settings: Settings | None = None, stream=None, verbose: bool = False, libraries: bool = True
 ) -> logging.Handler:
-    """Install one stderr handler with the prompt-safe filter on the root logger; returns it."""
-    _quiet_libraries()
+    """Install one stderr handler with the prompt-safe filter on the root logger; returns it.
+
+    `libraries=False` leaves torch, diffusers and transformers unimported (and unconfigured): call
+    `quiet_libraries()` before anything imports them. The CLI's cheap startup checks run in between."""
+    if libraries:
+        quiet_libraries()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     handler.addFilter(LibraryFilter(verbose=verbose))
